@@ -1,0 +1,79 @@
+"""telltale-norm: the l2 norm of late-layer hidden states, acted on inside vLLM.
+
+Switch a method on with environment variables (`VLLM_PATCH=loop`, see SPEC.md) and change no
+code, or configure it from Python before creating an engine:
+
+    import telltale_norm
+    telltale_norm.configure(method="suppress", layers=[21, 22], tau={21: 1300, 22: 1550})
+    llm = vllm.LLM(model=...)
+    ...
+    print(telltale_norm.stats(llm))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from telltale_norm.config import (
+    REQUEST_KEYS,
+    SETTINGS,
+    SETTINGS_BY_FIELD,
+    ConfigError,
+    TelltaleConfig,
+)
+
+__all__ = ["ConfigError", "TelltaleConfig", "configure", "reset_stats", "stats"]
+__version__ = "0.1.0"
+
+
+def configure(method: str, layers: Iterable[int] | None = None,
+              tau: Mapping[int, float] | None = None, **settings: Any) -> TelltaleConfig:
+    """Set the method and its settings for every engine created afterwards in this process
+    and the processes it starts. Replaces all telltale variables of this process.
+
+    `settings` are config field names (`loop_max_extra=2`, `suppress_mode="random"`) or
+    request-key names without the prefix (`max_extra=2`). Validated by the same rules as
+    the environment; raises `ConfigError` naming the bad setting.
+    """
+    env = {"VLLM_PATCH": str(method)}
+    if layers is not None:
+        env["PATCHED_LAYERS"] = ",".join(str(int(layer)) for layer in layers)
+    if tau is not None:
+        env["PATCHED_TAU_JSON"] = json.dumps({str(k): v for k, v in tau.items()})
+    for name, value in settings.items():
+        setting = SETTINGS_BY_FIELD.get(name) or REQUEST_KEYS.get("telltale_" + name)
+        if setting is None:
+            raise ConfigError(f"configure(): unknown setting {name}={value!r}; allowed: "
+                              + ", ".join(s.field for s in SETTINGS))
+        env[setting.env] = "1" if value is True else "0" if value is False else str(value)
+    merged = {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS}}
+    config = TelltaleConfig.from_env({**merged, **env})
+    for setting in SETTINGS:
+        os.environ.pop(setting.env, None)
+    os.environ.update(env)
+    from telltale_norm.vllm_adapter.plugin import register
+
+    register()
+    return config
+
+
+def stats(llm: Any, all_ranks: bool = False) -> dict[str, Any] | list[dict[str, Any]]:
+    """Statistics of a `vllm.LLM`'s workers: steps, per-layer counts, norm quartiles, tau.
+
+    Returns rank 0's dict, or one dict per worker with `all_ranks=True`.
+    """
+    from telltale_norm.vllm_adapter.frontend import CONFIG_KEY
+
+    if CONFIG_KEY not in (llm.llm_engine.vllm_config.additional_config or {}):
+        per_rank = [{"method": "off"}]  # VLLM_PATCH was off: the engine runs unpatched
+    else:
+        per_rank = llm.collective_rpc("telltale_stats")
+    return per_rank if all_ranks else per_rank[0]
+
+
+def reset_stats(llm: Any) -> None:
+    """Zero the counters and norm statistics of every worker of `llm`."""
+    llm.collective_rpc("telltale_reset_stats")

@@ -1,0 +1,1 @@
+"""One module per method; each is pure torch and acts on one layer's tokens of one step."""

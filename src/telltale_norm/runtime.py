@@ -1,0 +1,235 @@
+"""The per-worker engine of telltale-norm: batch -> per-token norms -> per-request state -> edits.
+
+Pure torch and numpy; it knows nothing of vLLM. The vLLM adapter feeds it plain arrays once
+per step (`begin_step`), calls `on_layer` after each decoder layer with that layer's outputs,
+and reports finished requests (`release`). All per-token work is tensor operations over the
+whole step; Python loops run over requests (once per step), never over tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from telltale_norm import rng
+from telltale_norm.config import ConfigError, TelltaleConfig
+from telltale_norm.methods.suppress import suppress_factors
+from telltale_norm.norms import scale_residual_stream_, token_norms
+from telltale_norm.requests import COL, METHOD_ID, RequestStates, request_row
+from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
+
+logger = logging.getLogger("vllm.telltale_norm")
+
+OFF, MONITOR, SUPPRESS = METHOD_ID["off"], METHOD_ID["monitor"], METHOD_ID["suppress"]
+
+# Per-layer counters kept on the device and read only when statistics are asked for.
+COUNTERS = ("tokens", "suppressed")
+
+# What the adapter tells about a request the first time it is scheduled:
+# its SamplingParams.extra_args and its seed (None when unseeded).
+RequestInfo = Callable[[str], tuple[Mapping[str, Any] | None, int | None]]
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One forward step, flattened: each token's request slot, decode flag and position."""
+
+    num_tokens: int
+    token_slot: torch.Tensor  # int64 [T]
+    decode: torch.Tensor  # bool [T]
+    position: torch.Tensor  # int64 [T]
+    active_layers: np.ndarray  # bool [num_layers], host
+    methods: frozenset[int]  # methods of the step's requests, host
+
+
+def child_index(req_id: str) -> int:
+    """The sample index of an `n > 1` child id `"{i}_{parent}"` (0 otherwise)."""
+    head, sep, _ = req_id.partition("_")
+    return int(head) if sep and head.isdigit() else 0
+
+
+class TelltaleRuntime:
+    """Holds one worker's request states, threshold statistics and counters."""
+
+    def __init__(self, config: TelltaleConfig, num_layers: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.num_layers = num_layers
+        self.device = torch.device(device)
+        self.patched_layers = config.patched_layers(num_layers)
+        self.states = RequestStates(num_layers, self.device)
+        self.states.register_buffer("method", (), torch.int64)
+        self.quantiles = StreamingQuantiles(num_layers, self.device)
+        self.counters = {name: torch.zeros(num_layers, dtype=torch.float64, device=self.device)
+                         for name in COUNTERS}
+        self.decode_steps = 0
+        self.prefill_steps = 0
+        self.rejected_requests = 0
+        self.step: StepBatch | None = None
+
+    # ------------------------------------------------------------ requests
+    def admit(self, req_id: str, extra_args: Mapping[str, Any] | None,
+              seed: int | None) -> int:
+        try:
+            cfg = self.config.with_request(extra_args)
+            base = cfg.random_seed if seed is None else seed
+            row = request_row(cfg, self.num_layers, (base + child_index(req_id)) % 2**63)
+        except ConfigError as err:
+            # The frontend validates requests before they reach a worker; this only guards
+            # requests that bypassed it. Never fail the batch: run this one unpatched.
+            logger.error("telltale-norm: request %s runs unpatched: %s", req_id, err)
+            self.rejected_requests += 1
+            row = request_row(TelltaleConfig(), self.num_layers, 0)
+        slot = self.states.admit(req_id, row)
+        self.states.buffer("method")[slot] = row.method
+        return slot
+
+    def release(self, req_ids: Sequence[str]) -> None:
+        for req_id in req_ids:
+            self.states.release(req_id)
+
+    # ------------------------------------------------------------ steps
+    def begin_step(self, req_ids: Sequence[str], num_scheduled: np.ndarray,
+                   num_computed: np.ndarray, num_prompt: np.ndarray,
+                   request_info: RequestInfo) -> None:
+        """Map a step's flattened tokens to requests. Arrays are per request, in batch order.
+
+        A token is a decode token when its position is at or past the request's prompt length
+        and past every position this request had before: tokens recomputed after a
+        preemption count as prefill, as they did the first time round.
+        """
+        states = self.states
+        slots = np.fromiter(
+            (states.slot(r) if r in states else self.admit(r, *request_info(r))
+             for r in req_ids), dtype=np.int64, count=len(req_ids))
+        num_scheduled = np.asarray(num_scheduled, dtype=np.int64)
+        num_computed = np.asarray(num_computed, dtype=np.int64)
+        num_tokens = int(num_scheduled.sum())
+        tok_req = np.repeat(np.arange(len(req_ids)), num_scheduled)
+        first_tok = np.cumsum(num_scheduled) - num_scheduled
+        position = num_computed[tok_req] + np.arange(num_tokens) - first_tok[tok_req]
+        decode_from = np.maximum(np.asarray(num_prompt, dtype=np.int64),
+                                 states.high_water[slots] + 1)
+        decode = position >= decode_from[tok_req]
+        states.high_water[slots] = np.maximum(states.high_water[slots],
+                                              num_computed + num_scheduled - 1)
+
+        methods = states.method[slots]
+        active_tok = methods[tok_req] != OFF
+        self.prefill_steps += bool((~decode).any())
+        self.decode_steps += bool((decode & active_tok).any())
+        active_layers = states.layers_host[slots].any(axis=0)
+        if not active_layers.any():
+            self.step = None
+            return
+        to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        self.step = StepBatch(
+            num_tokens=num_tokens,
+            token_slot=to_dev(slots[tok_req]),
+            decode=to_dev(decode),
+            position=to_dev(position),
+            active_layers=active_layers,
+            methods=frozenset(int(m) for m in np.unique(methods) if m != OFF),
+        )
+
+    def end_step(self) -> None:
+        self.step = None
+
+    def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Observe and edit one decoder layer's output for the current step, in place."""
+        step = self.step
+        if step is None or not step.active_layers[layer]:
+            return
+        t = step.num_tokens  # the forward may be padded past the scheduled tokens
+        h = hidden[:t]
+        r = None if residual is None else residual[:t]
+        slot = step.token_slot
+        params = self.states.buffer("params")[slot]
+        method = self.states.buffer("method")[slot]
+        in_layer = self.states.buffer("layers")[slot, layer] & (method != OFF)
+        observe = in_layer & step.decode
+
+        norms = token_norms(h, r)
+        self.quantiles.update(layer, norms, observe)
+        self.counters["tokens"][layer] += observe.sum()
+        tau, ready = self._tau(layer, slot, params)
+
+        if SUPPRESS in step.methods:
+            only_decode = params[:, COL["suppress_only_decode"]] > 0
+            eligible = (in_layer & (method == SUPPRESS) & ready
+                        & (step.decode | ~only_decode))
+            draws = rng.uniform(self.states.buffer("seed")[slot], rng.STREAM_SUPPRESS, layer,
+                                step.position)
+            factor, chosen = suppress_factors(
+                norms, tau, eligible,
+                random_mode=params[:, COL["suppress_random"]] > 0, draws=draws,
+                p=params[:, COL["suppress_p"]],
+                clamp_action=params[:, COL["suppress_clamp"]] > 0,
+                mul_scale=params[:, COL["suppress_mul_scale"]],
+                clamp_div=params[:, COL["suppress_clamp_div"]])
+            scale_residual_stream_(h, r, factor)
+            self.counters["suppressed"][layer] += chosen.sum()
+
+    def _tau(self, layer: int, slot: torch.Tensor,
+             params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token tau for `layer`, and whether it may be acted on (not warming up)."""
+        fixed = self.states.buffer("tau")[slot, layer]
+        q1, q3 = self.quantiles.quantiles(layer, [0.25, 0.75]).float()
+        adaptive = adaptive_tau(q1, q3, params[:, COL["iqr_k"]], params[:, COL["min_iqr"]],
+                                params[:, COL["tau_floor"]])
+        warm = self.decode_steps > params[:, COL["warmup_steps"]]
+        is_fixed = ~torch.isnan(fixed)
+        tau = torch.where(is_fixed, fixed, torch.where(warm, adaptive,
+                                                        torch.full_like(adaptive, math.inf)))
+        return tau, is_fixed | warm
+
+    # ------------------------------------------------------------ statistics
+    def default_tau(self, layer: int) -> float | None:
+        """Tau of `layer` under the engine's default settings (None while warming up)."""
+        fixed = self.config.fixed_tau()
+        if layer in fixed:
+            return fixed[layer]
+        if self.decode_steps < self.config.warmup_steps:
+            return None
+        q1, q3 = self.quantiles.quantiles(layer, [0.25, 0.75])
+        tau = adaptive_tau(q1, q3, self.config.adaptive_iqr_k, self.config.adaptive_min_iqr,
+                           self.config.adaptive_tau_floor)
+        return None if torch.isnan(tau) else float(tau)
+
+    def reset_stats(self) -> None:
+        """Zero the counters and norm statistics (adaptive tau starts learning again)."""
+        for counter in self.counters.values():
+            counter.zero_()
+        self.quantiles = StreamingQuantiles(self.num_layers, self.device)
+        self.decode_steps = self.prefill_steps = self.rejected_requests = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and per-layer norm statistics as plain JSON-able values."""
+        counters = {name: c.tolist() for name, c in self.counters.items()}
+        layers = sorted(set(self.patched_layers)
+                        | {i for i, n in enumerate(counters["tokens"]) if n})
+        per_layer = {}
+        for layer in layers:
+            q1, median, q3 = self.quantiles.quantiles(layer, [0.25, 0.5, 0.75]).tolist()
+            entry: dict[str, Any] = {
+                name: int(counters[name][layer]) for name in COUNTERS}
+            entry.update(mean=self.quantiles.mean(layer), q1=q1, median=median, q3=q3,
+                         tau=self.default_tau(layer))
+            per_layer[str(layer)] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                     for k, v in entry.items()}
+        return {
+            "method": self.config.method,
+            "patched_layers": list(self.patched_layers),
+            "num_layers": self.num_layers,
+            "decode_steps": self.decode_steps,
+            "prefill_steps": self.prefill_steps,
+            "live_requests": len(self.states),
+            "rejected_requests": self.rejected_requests,
+            "per_layer": per_layer,
+        }

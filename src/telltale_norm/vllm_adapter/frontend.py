@@ -1,0 +1,114 @@
+"""Frontend-side patches (the process that builds the engine config and accepts requests).
+
+- `EngineArgs.create_engine_config`: validate the environment against the real model (layer
+  range) before any engine process starts; put the config into vLLM's compile-cache key; on
+  CUDA, keep our op outside CUDA graphs; select the V1 model runner.
+- `InputProcessor._validate_params`: reject a request with bad `telltale_*` settings with a
+  400-class error for that request alone, before it reaches a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from vllm.exceptions import VLLMValidationError
+
+from telltale_norm.config import REQUEST_PREFIX, ConfigError, TelltaleConfig
+from telltale_norm.vllm_adapter.patching import patch_method
+
+logger = logging.getLogger("vllm.telltale_norm")
+
+
+CONFIG_KEY = "telltale_norm"
+
+
+class RequestSettingsError(VLLMValidationError, ValueError):
+    """Bad `telltale_*` request settings: HTTP 400 in the server, a ValueError offline."""
+
+
+def engine_config(vllm_config) -> TelltaleConfig:
+    """The settings an engine was created with (the environment if it carries none)."""
+    env = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+    return TelltaleConfig.from_env(env)
+
+
+def _num_layers(model_config) -> int:
+    return int(model_config.hf_text_config.num_hidden_layers)
+
+
+def _create_engine_config(original):
+    def create_engine_config(self, *args, **kwargs):
+        config = TelltaleConfig.from_env()
+        if not config.active:
+            return original(self, *args, **kwargs)
+        # The settings travel to every engine process inside the engine config, and vLLM hashes
+        # additional_config into its compile-cache key (which ignores environment variables),
+        # so a graph compiled without the op, or for other settings, is never reused.
+        self.additional_config = {**(self.additional_config or {}),
+                                  CONFIG_KEY: config.to_env()}
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
+            # Model Runner V2 (the GPU default) keeps no per-request extra_args and replays
+            # full CUDA graphs without a forward context: telltale-norm needs V1.
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        vllm_config = original(self, *args, **kwargs)
+        layers = config.patched_layers(_num_layers(vllm_config.model_config))
+        _keep_op_out_of_cuda_graphs(vllm_config)
+        logger.info("telltale-norm: VLLM_PATCH=%s on layers %s (%s)", config.method,
+                    list(layers), _tau_summary(config))
+        return vllm_config
+
+    return create_engine_config
+
+
+def _tau_summary(config: TelltaleConfig) -> str:
+    fixed = config.fixed_tau()
+    if fixed:
+        return "fixed tau " + json.dumps({str(k): round(v, 3) for k, v in fixed.items()})
+    return (f"adaptive tau, IQR k={config.adaptive_iqr_k}, warm-up "
+            f"{config.warmup_steps} decode steps")
+
+
+def _keep_op_out_of_cuda_graphs(vllm_config) -> None:
+    from vllm.config import CompilationMode, CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    from telltale_norm.vllm_adapter.op import OP_NAME
+
+    cc = vllm_config.compilation_config
+    if not current_platform.is_cuda_alike() or cc.mode != CompilationMode.VLLM_COMPILE:
+        return
+    # Our op must run as Python every step: split the graph at it (keeping vLLM's own
+    # splitting ops) and capture piecewise CUDA graphs only, since a full graph replays
+    # without running any Python.
+    if cc.splitting_ops is not None and OP_NAME not in cc.splitting_ops:
+        cc.splitting_ops.append(OP_NAME)
+    if cc.cudagraph_mode not in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        logger.info("telltale-norm: CUDA graphs set to PIECEWISE so %s runs every step",
+                    OP_NAME)
+
+
+def _validate_params(original):
+    def validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        extra_args = getattr(params, "extra_args", None)
+        if extra_args and any(str(k).startswith(REQUEST_PREFIX) for k in extra_args):
+            try:
+                config = engine_config(self.vllm_config).with_request(extra_args)
+                config.patched_layers(_num_layers(self.model_config), source="telltale_layers")
+            except ConfigError as err:
+                raise RequestSettingsError(f"telltale-norm: {err}") from None
+        return result
+
+    return validate_params
+
+
+def install() -> None:
+    """Install the frontend patches (idempotent)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    patch_method(EngineArgs, "create_engine_config", _create_engine_config)
+    patch_method(InputProcessor, "_validate_params", _validate_params)

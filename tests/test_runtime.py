@@ -1,0 +1,141 @@
+"""The per-worker runtime on plain tensors: token -> request mapping, decode detection,
+per-request settings, warm-up and bookkeeping (no vLLM involved)."""
+
+import numpy as np
+import pytest
+import torch
+
+from telltale_norm.config import TelltaleConfig
+from telltale_norm.runtime import TelltaleRuntime, child_index
+
+H = 8
+
+
+def make_runtime(**env):
+    env = {"VLLM_PATCH": "suppress", "PATCHED_LAYERS": "1,2", **env}
+    return TelltaleRuntime(TelltaleConfig.from_env(env), num_layers=4)
+
+
+def run_step(rt, reqs, extra=None, layer=1, pad=0):
+    """reqs: list of (req_id, num_scheduled, num_computed, num_prompt)."""
+    extra = extra or {}
+    ids = [r[0] for r in reqs]
+    rt.begin_step(ids, np.array([r[1] for r in reqs]), np.array([r[2] for r in reqs]),
+                  np.array([r[3] for r in reqs]), lambda rid: (extra.get(rid), None))
+    t = sum(r[1] for r in reqs) + pad
+    hidden = torch.ones(t, H)
+    residual = torch.ones(t, H)
+    rt.on_layer(layer, hidden, residual)
+    rt.end_step()
+    return hidden
+
+
+TAU0 = {"telltale_tau_json": '{"1": 0, "2": 0}'}
+
+
+def test_decode_tokens_are_told_apart_per_request_in_a_mixed_step():
+    rt = make_runtime()
+    # "a" decodes one token (position 10, prompt 5); "b" prefills a chunk of its prompt.
+    hidden = run_step(rt, [("a", 1, 10, 5), ("b", 8, 0, 20)], {"a": TAU0, "b": TAU0})
+    changed = (hidden != 1).any(dim=1).tolist()
+    assert changed == [True] + [False] * 8  # research code would have skipped the whole step
+    assert rt.decode_steps == 1 and rt.prefill_steps == 1
+    assert int(rt.counters["suppressed"][1]) == 1
+
+
+def test_last_prompt_chunk_is_prefill_and_first_generated_token_is_decode():
+    rt = make_runtime()
+    hidden = run_step(rt, [("a", 3, 2, 5)], {"a": TAU0})  # positions 2,3,4: all prompt
+    assert not (hidden != 1).any()
+    hidden = run_step(rt, [("a", 1, 5, 5)], {"a": TAU0})  # position 5: the first output token
+    assert (hidden != 1).all()
+
+
+def test_recomputed_tokens_after_preemption_count_as_prefill():
+    rt = make_runtime()
+    run_step(rt, [("a", 6, 0, 6)], {"a": TAU0})
+    for pos in range(6, 10):
+        run_step(rt, [("a", 1, pos, 6)])
+    assert int(rt.counters["suppressed"][1]) == 4
+    # preempted, then recomputed from scratch: positions 0..9 come back in one chunk
+    hidden = run_step(rt, [("a", 10, 0, 6)])
+    assert not (hidden != 1).any()
+    hidden = run_step(rt, [("a", 1, 10, 6)])
+    assert (hidden != 1).all()
+    assert int(rt.counters["suppressed"][1]) == 5
+
+
+def test_per_request_method_off_and_unpatched_layers_are_untouched():
+    rt = make_runtime()
+    extra = {"a": TAU0, "b": {**TAU0, "telltale_method": "off"}}
+    hidden = run_step(rt, [("a", 1, 7, 5), ("b", 1, 9, 5)], extra)
+    assert (hidden[0] != 1).all() and (hidden[1] == 1).all()
+    hidden = run_step(rt, [("a", 1, 8, 5), ("b", 1, 10, 5)], layer=3)  # layer 3 not patched
+    assert (hidden == 1).all()
+
+
+def test_padding_past_the_scheduled_tokens_is_untouched():
+    rt = make_runtime()
+    hidden = run_step(rt, [("a", 1, 7, 5)], {"a": TAU0}, pad=3)
+    assert (hidden[0] != 1).all() and (hidden[1:] == 1).all()
+
+
+def test_all_off_step_does_no_work():
+    rt = make_runtime(VLLM_PATCH="monitor")
+    run_step(rt, [("a", 1, 7, 5)], {"a": {"telltale_method": "off"}})
+    assert rt.step is None and rt.decode_steps == 0
+
+
+def test_adaptive_tau_waits_for_warmup():
+    rt = make_runtime(ADAPTIVE_WARMUP_STEPS="3", ADAPTIVE_IQR_K="0", ADAPTIVE_MIN_IQR="0")
+    gen = torch.Generator().manual_seed(0)
+    suppressed = []
+    for step in range(6):
+        rt.begin_step(["a", "b"], np.array([1, 1]), np.array([5 + step, 5 + step]),
+                      np.array([5, 5]), lambda rid: (None, None))
+        hidden = torch.randn(2, H, generator=gen)
+        before = hidden.clone()
+        rt.on_layer(1, hidden, torch.zeros(2, H))
+        rt.end_step()
+        suppressed.append(int((hidden != before).any(dim=1).sum()))
+    assert suppressed[:3] == [0, 0, 0]  # statistics only during warm-up
+    assert sum(suppressed[3:]) > 0  # then tokens above Q3 are suppressed
+    assert rt.default_tau(1) is not None
+
+
+def test_release_frees_state_and_unknown_ids_are_ignored():
+    rt = make_runtime()
+    run_step(rt, [(f"r{i}", 1, 7, 5) for i in range(100)])
+    assert len(rt.states) == 100 and rt.states.capacity >= 100
+    rt.release([f"r{i}" for i in range(100)] + ["never-seen"])
+    assert len(rt.states) == 0
+    run_step(rt, [("new", 1, 7, 5)], {"new": TAU0})  # slots are reused with fresh settings
+    assert len(rt.states) == 1
+
+
+def test_invalid_request_settings_run_unpatched_and_are_counted():
+    rt = make_runtime()
+    hidden = run_step(rt, [("a", 1, 7, 5)], {"a": {**TAU0, "telltale_max_extra": "x"}})
+    assert (hidden == 1).all() and rt.rejected_requests == 1
+
+
+def test_seeds_come_from_the_request_else_the_server_and_differ_per_sample():
+    rt = make_runtime(VLLM_RANDOM_SEED="99")
+    rt.begin_step(["0_p", "1_p", "s"], np.array([1, 1, 1]), np.array([5, 5, 5]),
+                  np.array([5, 5, 5]),
+                  lambda rid: (None, 7 if rid == "s" else None))
+    seeds = rt.states.buffer("seed")
+    got = [int(seeds[rt.states.slot(r)]) for r in ("0_p", "1_p", "s")]
+    assert got == [99, 100, 7]
+    assert child_index("3_abc-1") == 3 and child_index("abc") == 0
+
+
+def test_snapshot_reports_counters_and_quartiles():
+    rt = make_runtime()
+    run_step(rt, [("a", 1, 7, 5), ("b", 1, 7, 5)], {"a": TAU0, "b": TAU0})
+    snap = rt.snapshot()
+    assert snap["decode_steps"] == 1 and snap["live_requests"] == 2
+    layer = snap["per_layer"]["1"]
+    assert layer["tokens"] == 2 and layer["suppressed"] == 2
+    assert layer["median"] == pytest.approx(2 * 8**0.5, rel=0.004)  # x = 2 in each of 8 dims
+    assert snap["per_layer"]["2"]["tokens"] == 0
