@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from telltale_norm.config import TelltaleConfig
-from telltale_norm.runtime import TelltaleRuntime, child_index
+from telltale_norm.runtime import TelltaleRuntime
 
 H = 8
 
@@ -21,7 +21,7 @@ def run_step(rt, reqs, extra=None, layer=1, pad=0):
     extra = extra or {}
     ids = [r[0] for r in reqs]
     rt.begin_step(ids, np.array([r[1] for r in reqs]), np.array([r[2] for r in reqs]),
-                  np.array([r[3] for r in reqs]), lambda rid: (extra.get(rid), None))
+                  np.array([r[3] for r in reqs]), lambda rid: (extra.get(rid), None, 0))
     t = sum(r[1] for r in reqs) + pad
     hidden = torch.ones(t, H)
     residual = torch.ones(t, H)
@@ -92,7 +92,7 @@ def test_adaptive_tau_waits_for_warmup():
     suppressed = []
     for step in range(6):
         rt.begin_step(["a", "b"], np.array([1, 1]), np.array([5 + step, 5 + step]),
-                      np.array([5, 5]), lambda rid: (None, None))
+                      np.array([5, 5]), lambda rid: (None, None, 0))
         hidden = torch.randn(2, H, generator=gen)
         before = hidden.clone()
         rt.on_layer(1, hidden, torch.zeros(2, H))
@@ -123,11 +123,10 @@ def test_seeds_come_from_the_request_else_the_server_and_differ_per_sample():
     rt = make_runtime(VLLM_RANDOM_SEED="99")
     rt.begin_step(["0_p", "1_p", "s"], np.array([1, 1, 1]), np.array([5, 5, 5]),
                   np.array([5, 5, 5]),
-                  lambda rid: (None, 7 if rid == "s" else None))
+                  lambda rid: (None, 7 if rid == "s" else None, int(rid[0] == "1")))
     seeds = rt.states.buffer("seed")
     got = [int(seeds[rt.states.slot(r)]) for r in ("0_p", "1_p", "s")]
     assert got == [99, 100, 7]
-    assert child_index("3_abc-1") == 3 and child_index("abc") == 0
 
 
 def test_snapshot_reports_counters_and_quartiles():

@@ -12,11 +12,13 @@ code, or configure it from Python before creating an engine:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from telltale_norm.traces import RequestTrace
 from telltale_norm.config import (
     REQUEST_KEYS,
     SETTINGS,
@@ -25,7 +27,8 @@ from telltale_norm.config import (
     TelltaleConfig,
 )
 
-__all__ = ["ConfigError", "TelltaleConfig", "configure", "reset_stats", "stats"]
+__all__ = ["ConfigError", "RequestTrace", "TelltaleConfig", "calibration", "configure",
+           "reset_stats", "stats", "traces"]
 __version__ = "0.1.0"
 
 
@@ -60,14 +63,18 @@ def configure(method: str, layers: Iterable[int] | None = None,
     return config
 
 
+def _engine_is_patched(llm: Any) -> bool:
+    from telltale_norm.vllm_adapter.frontend import CONFIG_KEY
+
+    return CONFIG_KEY in (llm.llm_engine.vllm_config.additional_config or {})
+
+
 def stats(llm: Any, all_ranks: bool = False) -> dict[str, Any] | list[dict[str, Any]]:
     """Statistics of a `vllm.LLM`'s workers: steps, per-layer counts, norm quartiles, tau.
 
     Returns rank 0's dict, or one dict per worker with `all_ranks=True`.
     """
-    from telltale_norm.vllm_adapter.frontend import CONFIG_KEY
-
-    if CONFIG_KEY not in (llm.llm_engine.vllm_config.additional_config or {}):
+    if not _engine_is_patched(llm):
         per_rank = [{"method": "off"}]  # VLLM_PATCH was off: the engine runs unpatched
     else:
         per_rank = llm.collective_rpc("telltale_stats")
@@ -77,3 +84,30 @@ def stats(llm: Any, all_ranks: bool = False) -> dict[str, Any] | list[dict[str, 
 def reset_stats(llm: Any) -> None:
     """Zero the counters and norm statistics of every worker of `llm`."""
     llm.collective_rpc("telltale_reset_stats")
+
+
+def traces(llm: Any) -> list[RequestTrace]:
+    """Take the norm traces of finished traced requests (`telltale_trace=1`, or rerank).
+
+    Each trace's `request_id` is the caller's id (`RequestOutput.request_id`) and `index`
+    the candidate (`CompletionOutput.index`) for `n > 1`. Taken traces leave the worker.
+    """
+    from telltale_norm.vllm_adapter.requests import external_request_id
+
+    if not _engine_is_patched(llm):
+        return []
+    out = []
+    for data in llm.collective_rpc("telltale_traces")[0]:
+        trace = RequestTrace.from_dict(data)
+        request_id, index = external_request_id(trace.request_id)
+        out.append(dataclasses.replace(trace, request_id=request_id, index=index))
+    return out
+
+
+def calibration(llm: Any, layers: Iterable[int] | None = None) -> dict[str, Any]:
+    """A statistics file's content (per-layer percentiles p1..p99 of the decode norms seen
+    so far), for `VLLM_PATCH_STATE_PATH`."""
+    if not _engine_is_patched(llm):
+        return {"per_layer": {}}
+    return llm.collective_rpc("telltale_calibration",
+                              args=(None if layers is None else list(layers),))[0]

@@ -206,6 +206,7 @@ _SETTINGS_SPEC: list[tuple[str, str, Callable[[Any], Any], bool, str]] = [
     ("VLLM_EST_AVG_DECODE_LEN", "est_avg_decode_len", _number(int, 1), True,
      "est_avg_decode_len"),
     ("VLLM_RANDOM_SEED", "random_seed", _number(int, 0, 2**31 - 1), True, "random_seed"),
+    ("VLLM_PATCH_TRACE", "trace", _flag, True, "trace"),
     ("VLLM_PATCH_STATS_PATH", "stats_path", _optional_path, False, "stats_path"),
     ("VLLM_PATCH_DUMP_EVERY", "dump_every", _number(int, 0), False, "dump_every"),
 ]
@@ -264,6 +265,8 @@ class TelltaleConfig:
     random_suppress_k_per_response: int = 0
     est_avg_decode_len: int = 512
     random_seed: int = 1234
+    # Record per-request norm traces (always on under rerank, whose scores need them).
+    trace: bool = False
     stats_path: str | None = None
     dump_every: int = 0
     # Calibrated tau read from `state_path` at `q` (layer -> tau); filled by validation.

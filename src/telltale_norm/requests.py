@@ -37,6 +37,7 @@ class RequestRow:
     tau: np.ndarray  # float32 [num_layers], NaN = adaptive
     layers: np.ndarray  # bool [num_layers]
     seed: int
+    trace: bool
 
 
 def request_row(cfg: TelltaleConfig, num_layers: int, seed: int) -> RequestRow:
@@ -65,7 +66,8 @@ def request_row(cfg: TelltaleConfig, num_layers: int, seed: int) -> RequestRow:
             tau[layer] = value
     layers = np.zeros(num_layers, dtype=bool)
     layers[list(cfg.patched_layers(num_layers))] = True
-    return RequestRow(METHOD_ID[cfg.method], params, tau, layers, seed)
+    return RequestRow(METHOD_ID[cfg.method], params, tau, layers, seed,
+                      trace=cfg.trace or cfg.method == "rerank")
 
 
 class RequestStates:
@@ -83,6 +85,8 @@ class RequestStates:
         self.method = np.zeros(0, dtype=np.int64)  # host copies for per-step decisions
         self.layers_host = np.zeros((0, num_layers), dtype=bool)
         self.high_water = np.zeros(0, dtype=np.int64)
+        self.prompt_len = np.zeros(0, dtype=np.int64)
+        self.traced = np.zeros(0, dtype=bool)
         self.register_buffer("params", (len(PARAM_COLUMNS),), torch.float32)
         self.register_buffer("tau", (num_layers,), torch.float32, math.nan)
         self.register_buffer("layers", (num_layers,), torch.bool)
@@ -116,6 +120,8 @@ class RequestStates:
             [self.layers_host, np.zeros((capacity - old, self.num_layers), dtype=bool)])
         self.high_water = np.concatenate(
             [self.high_water, np.full(capacity - old, -1, dtype=np.int64)])
+        self.prompt_len = np.concatenate([self.prompt_len, np.zeros(capacity - old, np.int64)])
+        self.traced = np.concatenate([self.traced, np.zeros(capacity - old, dtype=bool)])
         self._free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
 
@@ -129,7 +135,7 @@ class RequestStates:
     def slot(self, req_id: str) -> int | None:
         return self._slots.get(req_id)
 
-    def admit(self, req_id: str, row: RequestRow) -> int:
+    def admit(self, req_id: str, row: RequestRow, prompt_len: int) -> int:
         """Give `req_id` a slot holding `row`, with every state buffer reset."""
         if not self._free:
             self._grow(self.capacity * 2)
@@ -144,6 +150,8 @@ class RequestStates:
         self.method[slot] = row.method
         self.layers_host[slot] = row.layers & (row.method != METHOD_ID["off"])
         self.high_water[slot] = -1
+        self.prompt_len[slot] = prompt_len
+        self.traced[slot] = row.trace and row.method != METHOD_ID["off"]
         return slot
 
     def release(self, req_id: str) -> int | None:
@@ -152,5 +160,6 @@ class RequestStates:
         if slot is not None:
             self.method[slot] = METHOD_ID["off"]
             self.layers_host[slot] = False
+            self.traced[slot] = False
             self._free.append(slot)
         return slot

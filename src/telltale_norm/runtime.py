@@ -19,21 +19,31 @@ import torch
 
 from telltale_norm import rng
 from telltale_norm.config import ConfigError, TelltaleConfig
+from telltale_norm.methods.loop import Rerun, loop_step
 from telltale_norm.methods.suppress import suppress_factors
 from telltale_norm.norms import scale_residual_stream_, token_norms
 from telltale_norm.requests import COL, METHOD_ID, RequestStates, request_row
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
+from telltale_norm.traces import ACTION_RERUN, ACTION_SUPPRESS, TraceRecorder
 
 logger = logging.getLogger("vllm.telltale_norm")
 
-OFF, MONITOR, SUPPRESS = METHOD_ID["off"], METHOD_ID["monitor"], METHOD_ID["suppress"]
+OFF, SUPPRESS, LOOP = METHOD_ID["off"], METHOD_ID["suppress"], METHOD_ID["loop"]
 
 # Per-layer counters kept on the device and read only when statistics are asked for.
-COUNTERS = ("tokens", "suppressed")
+COUNTERS = (
+    "tokens",  # decode tokens observed (their norms feed the adaptive tau)
+    "suppressed",  # suppress: tokens shrunk
+    "reruns",  # loop: token re-runs (a token in 2 extra passes counts 2)
+    "rerun_tokens",  # loop: tokens that entered a re-run
+    "rerun_taken",  # loop: re-run outputs kept (passed every stopping rule)
+    "rerun_stopped_tau", "rerun_stopped_growth", "rerun_stopped_blowup",  # loop: why stopped
+    "rerun_layer_passes",  # loop: extra executions of the layer (each runs the whole step)
+)
 
-# What the adapter tells about a request the first time it is scheduled:
-# its SamplingParams.extra_args and its seed (None when unseeded).
-RequestInfo = Callable[[str], tuple[Mapping[str, Any] | None, int | None]]
+# What the adapter tells about a request the first time it is scheduled: its
+# SamplingParams.extra_args, its seed (None when unseeded) and its sample index (n > 1).
+RequestInfo = Callable[[str], tuple[Mapping[str, Any] | None, int | None, int]]
 
 
 @dataclass(frozen=True)
@@ -42,23 +52,18 @@ class StepBatch:
 
     num_tokens: int
     token_slot: torch.Tensor  # int64 [T]
+    trace_row: torch.Tensor | None  # int64 [T]: row in the trace buffers (None: no tracing)
     decode: torch.Tensor  # bool [T]
     position: torch.Tensor  # int64 [T]
     active_layers: np.ndarray  # bool [num_layers], host
     methods: frozenset[int]  # methods of the step's requests, host
 
 
-def child_index(req_id: str) -> int:
-    """The sample index of an `n > 1` child id `"{i}_{parent}"` (0 otherwise)."""
-    head, sep, _ = req_id.partition("_")
-    return int(head) if sep and head.isdigit() else 0
-
-
 class TelltaleRuntime:
     """Holds one worker's request states, threshold statistics and counters."""
 
     def __init__(self, config: TelltaleConfig, num_layers: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", max_len: int = 4096) -> None:
         self.config = config
         self.num_layers = num_layers
         self.device = torch.device(device)
@@ -71,28 +76,37 @@ class TelltaleRuntime:
         self.decode_steps = 0
         self.prefill_steps = 0
         self.rejected_requests = 0
+        self.traces = TraceRecorder(self.states, self.patched_layers, max_len)
         self.step: StepBatch | None = None
 
     # ------------------------------------------------------------ requests
-    def admit(self, req_id: str, extra_args: Mapping[str, Any] | None,
-              seed: int | None) -> int:
+    def admit(self, req_id: str, extra_args: Mapping[str, Any] | None, seed: int | None,
+              sample_index: int, prompt_len: int) -> int:
+        """Give a newly scheduled request its slot. Samples of one prompt (n > 1) share
+        their settings but draw from different seeds."""
         try:
             cfg = self.config.with_request(extra_args)
             base = cfg.random_seed if seed is None else seed
-            row = request_row(cfg, self.num_layers, (base + child_index(req_id)) % 2**63)
+            row = request_row(cfg, self.num_layers, (base + sample_index) % 2**63)
         except ConfigError as err:
             # The frontend validates requests before they reach a worker; this only guards
             # requests that bypassed it. Never fail the batch: run this one unpatched.
             logger.error("telltale-norm: request %s runs unpatched: %s", req_id, err)
             self.rejected_requests += 1
             row = request_row(TelltaleConfig(), self.num_layers, 0)
-        slot = self.states.admit(req_id, row)
+        slot = self.states.admit(req_id, row, prompt_len)
         self.states.buffer("method")[slot] = row.method
         return slot
 
     def release(self, req_ids: Sequence[str]) -> None:
+        """Free finished or aborted requests; traced ones leave their trace in the outbox."""
+        states = self.states
         for req_id in req_ids:
-            self.states.release(req_id)
+            slot = states.slot(req_id)
+            if slot is not None and states.traced[slot]:
+                self.traces.finish(req_id, slot,
+                                   int(states.high_water[slot] - states.prompt_len[slot] + 1))
+            states.release(req_id)
 
     # ------------------------------------------------------------ steps
     def begin_step(self, req_ids: Sequence[str], num_scheduled: np.ndarray,
@@ -106,8 +120,8 @@ class TelltaleRuntime:
         """
         states = self.states
         slots = np.fromiter(
-            (states.slot(r) if r in states else self.admit(r, *request_info(r))
-             for r in req_ids), dtype=np.int64, count=len(req_ids))
+            (states.slot(r) if r in states else self.admit(r, *request_info(r), prompt)
+             for r, prompt in zip(req_ids, num_prompt)), dtype=np.int64, count=len(req_ids))
         num_scheduled = np.asarray(num_scheduled, dtype=np.int64)
         num_computed = np.asarray(num_computed, dtype=np.int64)
         num_tokens = int(num_scheduled.sum())
@@ -129,9 +143,15 @@ class TelltaleRuntime:
             self.step = None
             return
         to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        traced = states.traced[slots][tok_req]
+        trace_row = None
+        if traced.any():
+            decode_step = position - np.asarray(num_prompt, dtype=np.int64)[tok_req]
+            trace_row = to_dev(self.traces.row_index(traced, decode, decode_step))
         self.step = StepBatch(
             num_tokens=num_tokens,
             token_slot=to_dev(slots[tok_req]),
+            trace_row=trace_row,
             decode=to_dev(decode),
             position=to_dev(position),
             active_layers=active_layers,
@@ -141,8 +161,11 @@ class TelltaleRuntime:
     def end_step(self) -> None:
         self.step = None
 
-    def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
-        """Observe and edit one decoder layer's output for the current step, in place."""
+    def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
+                 rerun: Rerun | None = None) -> None:
+        """Observe and edit one decoder layer's output for the current step, in place.
+
+        `rerun` runs this layer again without writing the KV cache (needed by loop)."""
         step = self.step
         if step is None or not step.active_layers[layer]:
             return
@@ -159,6 +182,25 @@ class TelltaleRuntime:
         self.quantiles.update(layer, norms, observe)
         self.counters["tokens"][layer] += observe.sum()
         tau, ready = self._tau(layer, slot, params)
+        action = torch.zeros_like(slot, dtype=torch.uint8)  # ACTION_* bits per token
+
+        if LOOP in step.methods and rerun is not None and residual is not None:
+            result = loop_step(
+                hidden, residual, t, norms, tau,
+                eligible=in_layer & (method == LOOP) & ready & step.decode,
+                max_extra=params[:, COL["loop_max_extra"]].long(),
+                growth_eps=params[:, COL["loop_growth_eps"]],
+                blowup=params[:, COL["loop_blowup"]], alpha=params[:, COL["loop_alpha"]],
+                rerun=rerun)
+            counters = self.counters
+            counters["reruns"][layer] += result.runs.sum()
+            counters["rerun_tokens"][layer] += result.entered.sum()
+            counters["rerun_taken"][layer] += result.taken.sum()
+            counters["rerun_stopped_tau"][layer] += result.stopped_tau.sum()
+            counters["rerun_stopped_growth"][layer] += result.stopped_growth.sum()
+            counters["rerun_stopped_blowup"][layer] += result.stopped_blowup.sum()
+            counters["rerun_layer_passes"][layer] += result.layer_passes
+            action |= (result.taken > 0).to(torch.uint8) * ACTION_RERUN
 
         if SUPPRESS in step.methods:
             only_decode = params[:, COL["suppress_only_decode"]] > 0
@@ -175,6 +217,10 @@ class TelltaleRuntime:
                 clamp_div=params[:, COL["suppress_clamp_div"]])
             scale_residual_stream_(h, r, factor)
             self.counters["suppressed"][layer] += chosen.sum()
+            action |= chosen.to(torch.uint8) * ACTION_SUPPRESS
+
+        if step.trace_row is not None:
+            self.traces.record(layer, slot, step.trace_row, norms, tau, action)
 
     def _tau(self, layer: int, slot: torch.Tensor,
              params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,5 +277,7 @@ class TelltaleRuntime:
             "prefill_steps": self.prefill_steps,
             "live_requests": len(self.states),
             "rejected_requests": self.rejected_requests,
+            "traces_waiting": len(self.traces.outbox),
+            "traces_dropped": self.traces.dropped,
             "per_layer": per_layer,
         }

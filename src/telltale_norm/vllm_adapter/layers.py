@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from telltale_norm.vllm_adapter.op import layer_step
+from telltale_norm.vllm_adapter.rerun import attention_layer_names
 
 _SIGNATURE = ("positions", "hidden_states", "residual")
 
@@ -70,6 +71,7 @@ def wrap_decoder_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
         if type(layer).__name__ == "PPMissingLayer":
             continue
         if not hasattr(layer, "_telltale_original_forward"):
+            layer._telltale_attention_names = attention_layer_names(layer)
             layer._telltale_original_forward = layer.forward
             layer.forward = types.MethodType(_make_forward(index, model), layer)
         wrapped.append((index, layer))

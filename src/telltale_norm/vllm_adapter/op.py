@@ -8,10 +8,13 @@ the op is added to vLLM's splitting ops, so CUDA graphs are captured around it, 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.library import Library
 
 from telltale_norm.vllm_adapter import state
+from telltale_norm.vllm_adapter.rerun import rerun_layer
 
 OP_NAME = "telltale::layer_step"
 _LIB = Library("telltale", "FRAGMENT")  # noqa: TID251 - the op lives as long as the module
@@ -21,7 +24,8 @@ def _layer_step(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.T
                 layer: int) -> None:
     runtime = state.RUNTIME
     if runtime is not None:
-        runtime.on_layer(layer, hidden, residual)
+        rerun = functools.partial(rerun_layer, state.LAYERS[layer], positions)
+        runtime.on_layer(layer, hidden, residual, rerun)
 
 
 def _layer_step_fake(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from telltale_norm.runtime import TelltaleRuntime
 
 RUNTIME: TelltaleRuntime | None = None
+LAYERS: dict[int, nn.Module] = {}  # wrapped decoder layers by index (re-run by loop)

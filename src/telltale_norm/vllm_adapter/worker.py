@@ -23,9 +23,12 @@ from typing import Any
 import numpy as np
 
 from telltale_norm.runtime import TelltaleRuntime
+from telltale_norm.thresholds import calibration_record
 from telltale_norm.vllm_adapter import state
 from telltale_norm.vllm_adapter.frontend import engine_config
 from telltale_norm.vllm_adapter.patching import patch_method
+from telltale_norm.vllm_adapter.requests import external_request_id
+from telltale_norm.vllm_adapter.rerun import check_rerun_supported
 from telltale_norm.vllm_adapter.layers import find_decoder_layers, wrap_decoder_layers
 
 logger = logging.getLogger("vllm.telltale_norm")
@@ -46,9 +49,15 @@ def attach(runner: Any) -> None:
         return
     wrapped = wrap_decoder_layers(runner.model)
     num_layers = len(find_decoder_layers(runner.model))
-    runtime = TelltaleRuntime(config, num_layers, runner.device)
+    runtime = TelltaleRuntime(config, num_layers, runner.device,
+                              max_len=runner.model_config.max_model_len)
     runner._telltale = runtime
     state.RUNTIME = runtime
+    state.LAYERS.clear()
+    state.LAYERS.update(wrapped)
+    if config.method == "loop":
+        for _, layer in wrapped:
+            check_rerun_supported(layer)
     if config.stats_path:
         atexit.register(dump_stats, runtime, config.stats_path)
     compiled = runner.vllm_config.compilation_config.mode != 0
@@ -88,9 +97,10 @@ def _model_forward(original):
 
             def request_info(req_id: str):
                 params = requests[req_id].sampling_params
+                index = external_request_id(req_id)[1]
                 if params is None:
-                    return None, None
-                return params.extra_args, params.seed
+                    return None, None, index
+                return params.extra_args, params.seed, index
 
             runtime.begin_step(
                 req_ids,
@@ -153,6 +163,24 @@ def telltale_dump_stats(self, path: str | None = None) -> str | None:
     return dump_stats(runtime, path) if path else None
 
 
+def telltale_traces(self, req_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """Take the traces of finished traced requests (all waiting ones when `req_ids` is None)."""
+    runtime = state.RUNTIME
+    return [] if runtime is None else [t.to_dict() for t in runtime.traces.take(req_ids)]
+
+
+def telltale_calibration(self, layers: list[int] | None = None) -> dict[str, Any]:
+    """A statistics file (percentiles per layer) from the norms seen so far."""
+    runtime = state.RUNTIME
+    if runtime is None:
+        return {"per_layer": {}}
+    return calibration_record(runtime.quantiles, list(layers or runtime.patched_layers))
+
+
+RPC_METHODS = (telltale_stats, telltale_reset_stats, telltale_dump_stats, telltale_traces,
+               telltale_calibration)
+
+
 def install() -> None:
     """Install the worker-side patches (idempotent)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -170,6 +198,5 @@ def install() -> None:
             patch_method(cls, "load_model", _after_load)
     patch_method(GPUModelRunner, "execute_model", _execute_model)
     patch_method(GPUModelRunner, "_model_forward", _model_forward)
-    WorkerBase.telltale_stats = telltale_stats
-    WorkerBase.telltale_reset_stats = telltale_reset_stats
-    WorkerBase.telltale_dump_stats = telltale_dump_stats
+    for method in RPC_METHODS:
+        setattr(WorkerBase, method.__name__, method)

@@ -1,0 +1,110 @@
+"""Per-request norm traces: each decode step's norm, tau and intervention, per patched layer.
+
+A traced request (`VLLM_PATCH_TRACE=1` / `telltale_trace=1`, and always under `rerank`) owns
+rows of a preallocated device buffer indexed by (slot, decode step, layer); writes are
+scatter ops with no host synchronisation (untraced tokens land in a spare row). When the
+request finishes, its rows are copied to the host once and kept in an outbox for the caller.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from telltale_norm.requests import RequestStates
+
+# Bits of the `action` channel.
+ACTION_SUPPRESS = 1
+ACTION_RERUN = 2
+ACTION_INJECT = 4
+ACTION_NAMES = {ACTION_SUPPRESS: "suppress", ACTION_RERUN: "rerun", ACTION_INJECT: "inject"}
+
+OUTBOX_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class RequestTrace:
+    """One finished request's trace: arrays of shape [decode steps, layers]."""
+
+    request_id: str
+    layers: tuple[int, ...]
+    norm: np.ndarray
+    tau: np.ndarray
+    action: np.ndarray
+    index: int = 0  # the candidate of an n > 1 request
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "index": self.index, "layers": list(self.layers),
+                "norm": self.norm.tolist(), "tau": self.tau.tolist(),
+                "action": self.action.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestTrace:
+        layers = tuple(int(x) for x in data["layers"])
+        shape = (-1, len(layers))
+        return cls(str(data["request_id"]), layers,
+                   np.asarray(data["norm"], dtype=np.float32).reshape(shape),
+                   np.asarray(data["tau"], dtype=np.float32).reshape(shape),
+                   np.asarray(data["action"], dtype=np.uint8).reshape(shape),
+                   int(data.get("index", 0)))
+
+
+class TraceRecorder:
+    """Device buffers of traced requests, and the outbox of finished ones."""
+
+    def __init__(self, states: RequestStates, layers: tuple[int, ...], max_len: int) -> None:
+        self.states = states
+        self.layers = layers
+        self.max_len = max_len
+        self.column = {layer: i for i, layer in enumerate(layers)}
+        self.outbox: OrderedDict[str, RequestTrace] = OrderedDict()
+        self.dropped = 0
+        self._allocated = False
+
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self._allocated:  # allocated on first use: untraced engines pay nothing
+            shape = (self.max_len + 1, len(self.layers))  # +1: the spare row
+            self.states.register_buffer("trace_norm", shape, torch.float32)
+            self.states.register_buffer("trace_tau", shape, torch.float32)
+            self.states.register_buffer("trace_action", shape, torch.uint8)
+            self._allocated = True
+        return (self.states.buffer("trace_norm"), self.states.buffer("trace_tau"),
+                self.states.buffer("trace_action"))
+
+    def row_index(self, traced: np.ndarray, decode: np.ndarray,
+                  decode_step: np.ndarray) -> np.ndarray:
+        """Per token: its trace row, or the spare row when it is not recorded."""
+        keep = traced & decode & (decode_step >= 0) & (decode_step < self.max_len)
+        return np.where(keep, decode_step, self.max_len)
+
+    def record(self, layer: int, slot: torch.Tensor, row: torch.Tensor, norms: torch.Tensor,
+               tau: torch.Tensor, action: torch.Tensor) -> None:
+        column = self.column.get(layer)
+        if column is None:
+            return
+        norm_buf, tau_buf, action_buf = self._buffers()
+        norm_buf[slot, row, column] = norms
+        tau_buf[slot, row, column] = tau.float()
+        action_buf[slot, row, column] = action.to(torch.uint8)
+
+    def finish(self, req_id: str, slot: int, num_steps: int) -> None:
+        """Move a finished request's first `num_steps` rows to the outbox."""
+        norm_buf, tau_buf, action_buf = self._buffers()
+        n = max(0, min(num_steps, self.max_len))
+        trace = RequestTrace(req_id, self.layers, norm_buf[slot, :n].cpu().numpy(),
+                             tau_buf[slot, :n].cpu().numpy(),
+                             action_buf[slot, :n].cpu().numpy())
+        self.outbox[req_id] = trace
+        while len(self.outbox) > OUTBOX_LIMIT:  # nobody collects: keep memory bounded
+            self.outbox.popitem(last=False)
+            self.dropped += 1
+
+    def take(self, req_ids: list[str] | None = None) -> list[RequestTrace]:
+        """Remove and return the finished traces of `req_ids` (all when None)."""
+        keys = list(self.outbox) if req_ids is None else [r for r in req_ids
+                                                          if r in self.outbox]
+        return [self.outbox.pop(key) for key in keys]
