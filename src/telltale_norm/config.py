@@ -396,6 +396,26 @@ class TelltaleConfig:
         return out
 
 
+def check_request(request: TelltaleConfig, engine: TelltaleConfig, num_layers: int) -> None:
+    """Raise ConfigError if a request's settings cannot run on this engine.
+
+    ttts banks are preallocated for the engine's patched layers and its TTTS_BANK_K.
+    """
+    layers = request.patched_layers(num_layers, source="telltale_layers")
+    if request.method != "ttts":
+        return
+    engine_layers = engine.patched_layers(num_layers)
+    outside = sorted(set(layers) - set(engine_layers))
+    if outside:
+        raise ConfigError(
+            f"telltale_layers={','.join(map(str, layers))}: ttts banks exist only for the "
+            f"server's PATCHED_LAYERS; allowed: a subset of {list(engine_layers)}")
+    if request.ttts_bank_k > engine.ttts_bank_k:
+        raise ConfigError(
+            f"telltale_bank_k={request.ttts_bank_k}: banks are preallocated; allowed: "
+            f"<= the server's TTTS_BANK_K={engine.ttts_bank_k}")
+
+
 def _parse(setting: Setting, raw: Any, name: str) -> Any:
     try:
         return setting.parse(raw)

@@ -21,6 +21,7 @@ PARAM_COLUMNS = (
     "warmup_steps", "iqr_k", "min_iqr", "tau_floor",
     "loop_max_extra", "loop_growth_eps", "loop_blowup", "loop_alpha",
     "ttts_low_k", "ttts_gamma", "ttts_p_inject", "ttts_beta", "ttts_cooldown", "ttts_cos_min",
+    "ttts_bank_k",
     "suppress_random", "suppress_clamp", "suppress_mul_scale", "suppress_clamp_div",
     "suppress_only_decode", "suppress_p",
 )
@@ -53,6 +54,7 @@ def request_row(cfg: TelltaleConfig, num_layers: int, seed: int) -> RequestRow:
         "ttts_low_k": cfg.ttts_low_k, "ttts_gamma": cfg.ttts_gamma,
         "ttts_p_inject": cfg.ttts_p_inject, "ttts_beta": cfg.ttts_beta,
         "ttts_cooldown": cfg.ttts_cooldown, "ttts_cos_min": cfg.ttts_cos_min,
+        "ttts_bank_k": cfg.ttts_bank_k,
         "suppress_random": cfg.suppress_mode == "random",
         "suppress_clamp": cfg.suppress_action == "clamp",
         "suppress_mul_scale": cfg.suppress_mul_scale,
@@ -131,6 +133,10 @@ class RequestStates:
 
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._slots
+
+    def live_methods(self) -> np.ndarray:
+        """The method id of every live request."""
+        return self.method[list(self._slots.values())]
 
     def slot(self, req_id: str) -> int | None:
         return self._slots.get(req_id)

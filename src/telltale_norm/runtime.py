@@ -18,17 +18,19 @@ import numpy as np
 import torch
 
 from telltale_norm import rng
-from telltale_norm.config import ConfigError, TelltaleConfig
+from telltale_norm.config import ConfigError, TelltaleConfig, check_request
 from telltale_norm.methods.loop import Rerun, loop_step
 from telltale_norm.methods.suppress import suppress_factors
-from telltale_norm.norms import scale_residual_stream_, token_norms
+from telltale_norm.methods.ttts import TTTS_PARAMS, Banks, TttsSettings, ttts_step
+from telltale_norm.norms import residual_stream, scale_residual_stream_, token_norms
 from telltale_norm.requests import COL, METHOD_ID, RequestStates, request_row
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
-from telltale_norm.traces import ACTION_RERUN, ACTION_SUPPRESS, TraceRecorder
+from telltale_norm.traces import ACTION_INJECT, ACTION_RERUN, ACTION_SUPPRESS, TraceRecorder
 
 logger = logging.getLogger("vllm.telltale_norm")
 
-OFF, SUPPRESS, LOOP = METHOD_ID["off"], METHOD_ID["suppress"], METHOD_ID["loop"]
+OFF, SUPPRESS = METHOD_ID["off"], METHOD_ID["suppress"]
+LOOP, TTTS = METHOD_ID["loop"], METHOD_ID["ttts"]
 
 # Per-layer counters kept on the device and read only when statistics are asked for.
 COUNTERS = (
@@ -39,6 +41,9 @@ COUNTERS = (
     "rerun_taken",  # loop: re-run outputs kept (passed every stopping rule)
     "rerun_stopped_tau", "rerun_stopped_growth", "rerun_stopped_blowup",  # loop: why stopped
     "rerun_layer_passes",  # loop: extra executions of the layer (each runs the whole step)
+    "injections",  # ttts: bank states injected
+    "inject_no_match",  # ttts: triggers that found no bank state with cosine >= COS_MIN
+    "max_low_streak",  # ttts: the longest low-norm streak seen (a maximum, not a sum)
 )
 
 # What the adapter tells about a request the first time it is scheduled: its
@@ -57,6 +62,8 @@ class StepBatch:
     position: torch.Tensor  # int64 [T]
     active_layers: np.ndarray  # bool [num_layers], host
     methods: frozenset[int]  # methods of the step's requests, host
+    ttts_tokens: torch.Tensor | None  # int64: decode tokens of ttts requests (one each)
+    ttts_slots: torch.Tensor | None  # int64: their slots
 
 
 class TelltaleRuntime:
@@ -77,6 +84,7 @@ class TelltaleRuntime:
         self.prefill_steps = 0
         self.rejected_requests = 0
         self.traces = TraceRecorder(self.states, self.patched_layers, max_len)
+        self.banks = Banks(self.states, self.patched_layers, config.ttts_bank_k)
         self.step: StepBatch | None = None
 
     # ------------------------------------------------------------ requests
@@ -86,6 +94,7 @@ class TelltaleRuntime:
         their settings but draw from different seeds."""
         try:
             cfg = self.config.with_request(extra_args)
+            check_request(cfg, self.config, self.num_layers)
             base = cfg.random_seed if seed is None else seed
             row = request_row(cfg, self.num_layers, (base + sample_index) % 2**63)
         except ConfigError as err:
@@ -148,6 +157,7 @@ class TelltaleRuntime:
         if traced.any():
             decode_step = position - np.asarray(num_prompt, dtype=np.int64)[tok_req]
             trace_row = to_dev(self.traces.row_index(traced, decode, decode_step))
+        ttts_tokens = np.flatnonzero(decode & (methods[tok_req] == TTTS))
         self.step = StepBatch(
             num_tokens=num_tokens,
             token_slot=to_dev(slots[tok_req]),
@@ -156,6 +166,8 @@ class TelltaleRuntime:
             position=to_dev(position),
             active_layers=active_layers,
             methods=frozenset(int(m) for m in np.unique(methods) if m != OFF),
+            ttts_tokens=to_dev(ttts_tokens) if len(ttts_tokens) else None,
+            ttts_slots=to_dev(slots[tok_req][ttts_tokens]) if len(ttts_tokens) else None,
         )
 
     def end_step(self) -> None:
@@ -202,6 +214,10 @@ class TelltaleRuntime:
             counters["rerun_layer_passes"][layer] += result.layer_passes
             action |= (result.taken > 0).to(torch.uint8) * ACTION_RERUN
 
+        if step.ttts_tokens is not None and layer in self.banks.column:
+            injected = self._ttts(layer, h, r, norms, tau, in_layer & ready, params, step)
+            action[step.ttts_tokens] |= injected.to(torch.uint8) * ACTION_INJECT
+
         if SUPPRESS in step.methods:
             only_decode = params[:, COL["suppress_only_decode"]] > 0
             eligible = (in_layer & (method == SUPPRESS) & ready
@@ -221,6 +237,28 @@ class TelltaleRuntime:
 
         if step.trace_row is not None:
             self.traces.record(layer, slot, step.trace_row, norms, tau, action)
+
+    def _ttts(self, layer: int, h: torch.Tensor, r: torch.Tensor | None, norms: torch.Tensor,
+              tau: torch.Tensor, eligible: torch.Tensor, params: torch.Tensor,
+              step: StepBatch) -> torch.Tensor:
+        """ERSS on the step's ttts decode tokens; returns which of them got an injection."""
+        idx, slots = step.ttts_tokens, step.ttts_slots
+        x = residual_stream(h[idx], None if r is None else r[idx])
+        res = torch.zeros_like(x) if r is None else r[idx].float()
+        p = params[idx]
+        settings = TttsSettings(**{name: p[:, COL[f"ttts_{name}"]] for name in TTTS_PARAMS})
+        draws = rng.uniform(self.states.buffer("seed")[slots], rng.STREAM_TTTS, layer,
+                            step.position[idx])
+        out = ttts_step(x, res, norms[idx], tau[idx], eligible[idx], draws,
+                        self.banks.read(slots, layer, x.shape[1]), settings)
+        self.banks.write(slots, layer, out.state, out.inserted_at, x)
+        h[idx] = (h[idx].float() + out.delta).to(h.dtype)
+        counters = self.counters
+        counters["injections"][layer] += out.injected.sum()
+        counters["inject_no_match"][layer] += out.no_match.sum()
+        counters["max_low_streak"][layer] = torch.maximum(
+            counters["max_low_streak"][layer], out.state.low_streak.max().double())
+        return out.injected
 
     def _tau(self, layer: int, slot: torch.Tensor,
              params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,5 +317,7 @@ class TelltaleRuntime:
             "rejected_requests": self.rejected_requests,
             "traces_waiting": len(self.traces.outbox),
             "traces_dropped": self.traces.dropped,
+            "live_banks": self.banks.live(TTTS),
+            "bank_bytes": self.banks.nbytes(),
             "per_layer": per_layer,
         }

@@ -11,9 +11,9 @@ log-likelihood after "Answer:" (`output_type: multiple_choice`).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
-import json
 from collections.abc import Sequence
 from typing import Any
 

