@@ -12,7 +12,6 @@ code, or configure it from Python before creating an engine:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -92,16 +91,9 @@ def traces(llm: Any) -> list[RequestTrace]:
     Each trace's `request_id` is the caller's id (`RequestOutput.request_id`) and `index`
     the candidate (`CompletionOutput.index`) for `n > 1`. Taken traces leave the worker.
     """
-    from telltale_norm.vllm_adapter.requests import external_request_id
-
     if not _engine_is_patched(llm):
         return []
-    out = []
-    for data in llm.collective_rpc("telltale_traces")[0]:
-        trace = RequestTrace.from_dict(data)
-        request_id, index = external_request_id(trace.request_id)
-        out.append(dataclasses.replace(trace, request_id=request_id, index=index))
-    return out
+    return [RequestTrace.from_dict(data) for data in llm.collective_rpc("telltale_traces")[0]]
 
 
 def calibration(llm: Any, layers: Iterable[int] | None = None) -> dict[str, Any]:

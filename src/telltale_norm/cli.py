@@ -6,7 +6,7 @@
     telltale-norm doctor                is everything installed right?
 
 User mistakes end with one line on stderr (`telltale-norm: error: ...`) and exit code 2.
-vLLM is imported only by the commands that start an engine, so `--help` and `plot` are quick.
+vLLM is imported only by the commands that need it (demo, calibrate, doctor).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,11 @@ def _layer_list(text: str) -> list[int]:
     return [int(part) for part in parts]
 
 
+def _wrap(text: str) -> str:
+    # The raw formatter keeps the examples' layout; descriptions are wrapped here instead.
+    return textwrap.fill(text, 78)
+
+
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH",
                         help="model directory (default: SmolLM2-135M-Instruct, converted once "
@@ -88,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", formatter_class=raw, help="compare all methods on bundled word problems",
-        description="Run the baseline and each method side by side through one engine on "
+        description=_wrap("Run the baseline and each method side by side through one engine on "
                     "bundled arithmetic word problems (greedy; rerank samples --rerank-k "
                     "candidates). Tau is calibrated on the baseline run. Prints a table "
-                    "(accuracy with 95%% Wilson interval, tokens, time, interventions) and "
-                    "writes results.json, traces.json and a norm-trace PNG.",
+                    "(accuracy with 95% Wilson interval, tokens, time, interventions) and "
+                    "writes results.json, traces.json and a norm-trace PNG."),
         epilog="examples:\n"
                "  telltale-norm demo --quick                      # a few minutes on 2 CPU cores\n"
                "  telltale-norm demo --methods off,suppress --n-problems 32 --out runs/x\n"
@@ -102,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="small run: 12 problems, 96 tokens (default: 64 and 256)")
     demo.add_argument("--methods", default="off,monitor,suppress,loop,ttts,rerank",
                       help="comma-separated methods (default: %(default)s)")
-    demo.add_argument("--n-problems", type=_positive_int, metavar="N")
-    demo.add_argument("--max-tokens", type=_positive_int, metavar="T")
+    demo.add_argument("--n-problems", type=_positive_int, metavar="N",
+                      help="number of word problems (default: 12 with --quick, else 64)")
+    demo.add_argument("--max-tokens", type=_positive_int, metavar="T",
+                      help="tokens per answer (default: 96 with --quick, else 256)")
     demo.add_argument("--out", type=Path, metavar="DIR",
                       help="output folder (default: runs/demo-<timestamp>)")
     demo.add_argument("--tau-q", type=_fraction, default=0.9, metavar="Q",
@@ -115,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = commands.add_parser(
         "calibrate", formatter_class=raw, help="write a norm statistics file; print tau",
-        description="Run prompts under monitor (greedy), write the decode-token norm "
+        description=_wrap("Run prompts under monitor (greedy), write the decode-token norm "
                     "percentiles per layer (the VLLM_PATCH_STATE_PATH format) and print "
-                    "ready-to-paste PATCHED_LAYERS / PATCHED_TAU_JSON for quantile --q.",
+                    "ready-to-paste PATCHED_LAYERS / PATCHED_TAU_JSON for quantile --q."),
         epilog="examples:\n"
                "  telltale-norm calibrate --out stats.json --q 0.95\n"
                "  telltale-norm calibrate --prompts my.jsonl --layers 21,22,23 --max-tokens 512\n"
@@ -142,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser(
         "plot", formatter_class=raw, help="plot a request's norm traces as PNG",
-        description="Plot norm traces: one subplot per layer, norm per decode step, tau "
-                    "dashed, interventions marked (suppressed, re-run, injected).",
+        description=_wrap("Plot norm traces: one subplot per layer, norm per decode step, tau "
+                    "dashed, interventions marked (suppressed, re-run, injected)."),
         epilog="examples:\n"
                "  telltale-norm plot runs/demo-20250101-120000/traces.json --request problem-3\n"
                "  telltale-norm plot my_traces.json --out trace.png\n"
@@ -159,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser(
         "doctor", formatter_class=raw, help="check the installation",
-        description="Check vLLM, the plugin, imports beside torch, the telltale settings in "
+        description=_wrap("Check vLLM, the plugin, imports beside torch, the telltale settings in "
                     "the environment and memory; with --model, whether a model fits. "
-                    "Exit code 0 when nothing FAILs.",
+                    "Exit code 0 when nothing FAILs."),
         epilog="examples:\n"
                "  telltale-norm doctor\n"
                "  VLLM_PATCH=loop PATCHED_LAYERS=20,21 telltale-norm doctor --model ~/m/qwen")

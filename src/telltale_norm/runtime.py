@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from telltale_norm import rng
-from telltale_norm.config import ConfigError, TelltaleConfig, check_request
+from telltale_norm.config import RERANK_METRICS, ConfigError, TelltaleConfig, check_request
 from telltale_norm.methods.loop import Rerun, loop_step
+from telltale_norm.methods.rerank import candidate_scores
 from telltale_norm.methods.suppress import suppress_factors
 from telltale_norm.methods.ttts import TTTS_PARAMS, Banks, TttsSettings, ttts_step
 from telltale_norm.norms import residual_stream, scale_residual_stream_, token_norms
@@ -30,7 +31,7 @@ from telltale_norm.traces import ACTION_INJECT, ACTION_RERUN, ACTION_SUPPRESS, T
 logger = logging.getLogger("vllm.telltale_norm")
 
 OFF, SUPPRESS = METHOD_ID["off"], METHOD_ID["suppress"]
-LOOP, TTTS = METHOD_ID["loop"], METHOD_ID["ttts"]
+LOOP, TTTS, RERANK = METHOD_ID["loop"], METHOD_ID["ttts"], METHOD_ID["rerank"]
 
 # Per-layer counters kept on the device and read only when statistics are asked for.
 COUNTERS = (
@@ -113,9 +114,18 @@ class TelltaleRuntime:
         for req_id in req_ids:
             slot = states.slot(req_id)
             if slot is not None and states.traced[slot]:
+                scorer = self._rerank_scorer(slot) if states.method[slot] == RERANK else None
                 self.traces.finish(req_id, slot,
-                                   int(states.high_water[slot] - states.prompt_len[slot] + 1))
+                                   int(states.high_water[slot] - states.prompt_len[slot] + 1),
+                                   scorer)
             states.release(req_id)
+
+    def _rerank_scorer(self, slot: int) -> Callable[[np.ndarray, np.ndarray], dict]:
+        p = self.states.buffer("params")[slot].tolist()
+        metric = RERANK_METRICS[int(p[COL["rerank_metric"]])]
+        layer_agg = "mean" if p[COL["rerank_layer_agg"]] else "sum"
+        late_frac = p[COL["rerank_late_frac"]]
+        return lambda norm, tau: candidate_scores(norm, tau, metric, layer_agg, late_frac)
 
     # ------------------------------------------------------------ steps
     def begin_step(self, req_ids: Sequence[str], num_scheduled: np.ndarray,

@@ -9,6 +9,7 @@ request finishes, its rows are copied to the host once and kept in an outbox for
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,11 @@ class RequestTrace:
     tau: np.ndarray
     action: np.ndarray
     index: int = 0  # the candidate of an n > 1 request
+    scores: dict[str, float] | None = None  # rerank scores (A, B, C, D, mean, score)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "index": self.index, "layers": list(self.layers),
+        return {"request_id": self.request_id, "index": self.index, "scores": self.scores,
+                "layers": list(self.layers),
                 "norm": self.norm.tolist(), "tau": self.tau.tolist(),
                 "action": self.action.tolist()}
 
@@ -50,7 +53,7 @@ class RequestTrace:
                    np.asarray(data["norm"], dtype=np.float32).reshape(shape),
                    np.asarray(data["tau"], dtype=np.float32).reshape(shape),
                    np.asarray(data["action"], dtype=np.uint8).reshape(shape),
-                   int(data.get("index", 0)))
+                   int(data.get("index", 0)), data.get("scores"))
 
 
 class TraceRecorder:
@@ -91,20 +94,21 @@ class TraceRecorder:
         tau_buf[slot, row, column] = tau.float()
         action_buf[slot, row, column] = action.to(torch.uint8)
 
-    def finish(self, req_id: str, slot: int, num_steps: int) -> None:
-        """Move a finished request's first `num_steps` rows to the outbox."""
+    def finish(self, req_id: str, slot: int, num_steps: int,
+               scorer: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None) -> None:
+        """Move a finished request's first `num_steps` rows to the outbox, scored by
+        `scorer(norm, tau)` when given (one device-to-host copy per request)."""
         norm_buf, tau_buf, action_buf = self._buffers()
         n = max(0, min(num_steps, self.max_len))
-        trace = RequestTrace(req_id, self.layers, norm_buf[slot, :n].cpu().numpy(),
-                             tau_buf[slot, :n].cpu().numpy(),
-                             action_buf[slot, :n].cpu().numpy())
-        self.outbox[req_id] = trace
+        norm, tau = norm_buf[slot, :n].cpu().numpy(), tau_buf[slot, :n].cpu().numpy()
+        self.outbox[req_id] = RequestTrace(req_id, self.layers, norm, tau,
+                                           action_buf[slot, :n].cpu().numpy(),
+                                           scores=scorer(norm, tau) if scorer else None)
         while len(self.outbox) > OUTBOX_LIMIT:  # nobody collects: keep memory bounded
             self.outbox.popitem(last=False)
             self.dropped += 1
 
-    def take(self, req_ids: list[str] | None = None) -> list[RequestTrace]:
-        """Remove and return the finished traces of `req_ids` (all when None)."""
-        keys = list(self.outbox) if req_ids is None else [r for r in req_ids
-                                                          if r in self.outbox]
+    def take(self, wanted: Callable[[str], bool] | None = None) -> list[RequestTrace]:
+        """Remove and return the finished traces whose id is `wanted` (all when None)."""
+        keys = [key for key in self.outbox if wanted is None or wanted(key)]
         return [self.outbox.pop(key) for key in keys]

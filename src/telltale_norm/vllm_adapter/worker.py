@@ -163,10 +163,21 @@ def telltale_dump_stats(self, path: str | None = None) -> str | None:
     return dump_stats(runtime, path) if path else None
 
 
-def telltale_traces(self, req_ids: list[str] | None = None) -> list[dict[str, Any]]:
-    """Take the traces of finished traced requests (all waiting ones when `req_ids` is None)."""
+def telltale_traces(self, request_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """Take the traces of finished traced requests whose caller's id is in `request_ids`
+    (all waiting ones when None). Ids in the results are the caller's, with the candidate
+    index of n > 1 requests."""
     runtime = state.RUNTIME
-    return [] if runtime is None else [t.to_dict() for t in runtime.traces.take(req_ids)]
+    if runtime is None:
+        return []
+    wanted = None if request_ids is None else set(request_ids)
+    taken = runtime.traces.take(
+        None if wanted is None else lambda key: external_request_id(key)[0] in wanted)
+    out = []
+    for trace in taken:
+        request_id, index = external_request_id(trace.request_id)
+        out.append({**trace.to_dict(), "request_id": request_id, "index": index})
+    return out
 
 
 def telltale_calibration(self, layers: list[int] | None = None) -> dict[str, Any]:
