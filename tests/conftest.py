@@ -24,7 +24,8 @@ TELLTALE_ENV = ("VLLM_PATCH", "VLLM_PLUGINS", "PATCHED_LAYERS", "PATCHED_TAU_JSO
 def pytest_collection_modifyitems(items):
     # Tests that take an engine fixture are marked, so `-m "not engine"` runs the fast tier.
     for item in items:
-        if any("engine" in name or "llm" in name for name in getattr(item, "fixturenames", ())):
+        names = getattr(item, "fixturenames", ())
+        if any(name == "llm" or name.startswith("llm_") or "engine" in name for name in names):
             item.add_marker(pytest.mark.engine)
 
 

@@ -50,20 +50,20 @@ ENGINE_KWARGS = dict(enforce_eager=True, max_model_len=512, kv_cache_memory_byte
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir() -> Path:
+def default_dir() -> Path:
     """The converted SmolLM2 (converted here on a fresh machine: ~30 s)."""
     return default_model_dir()
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
+def tokenizer(default_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    return AutoTokenizer.from_pretrained(default_dir)
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
+def tiny_dir(tmp_path_factory, default_dir):
     """``tiny_dir(arch)`` -> a tiny random model, written once per module."""
     made: dict[str, Path] = {}
 
@@ -93,11 +93,11 @@ def _hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
 # --------------------------------------------------------------------------- conversion
 
 
-def test_default_model_is_converted_smollm2(smollm2_dir, tokenizer):
+def test_default_model_is_converted_smollm2(default_dir, tokenizer):
     from safetensors import safe_open
 
-    assert smollm2_dir.name == models.DEFAULT_MODEL_NAME
-    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert default_dir.name == models.DEFAULT_MODEL_NAME
+    config = json.loads((default_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 30
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (config["hidden_size"], config["vocab_size"]) == (576, VOCAB)
@@ -105,14 +105,14 @@ def test_default_model_is_converted_smollm2(smollm2_dir, tokenizer):
     assert config["tie_word_embeddings"] is True
     assert config["rms_norm_eps"] == 1e-5  # not GGUF's float32 9.9999997e-06
 
-    with safe_open(str(smollm2_dir / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(default_dir / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
         embed = f.get_tensor("model.embed_tokens.weight")
     assert "lm_head.weight" not in keys  # tied: vLLM builds lm_head from the embeddings
     assert embed.dtype == torch.bfloat16 and embed.shape == (VOCAB, 576)
     assert {f"model.layers.{i}.input_layernorm.weight" for i in range(30)} <= keys
 
-    generation = json.loads((smollm2_dir / "generation_config.json").read_text())
+    generation = json.loads((default_dir / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.eos_token_id == 2
     assert len(tokenizer) == VOCAB
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
@@ -120,14 +120,14 @@ def test_default_model_is_converted_smollm2(smollm2_dir, tokenizer):
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_default_model_dir_reuses_the_finished_conversion(smollm2_dir):
-    weights = smollm2_dir / "model.safetensors"
+def test_default_model_dir_reuses_the_finished_conversion(default_dir):
+    weights = default_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
     start = time.monotonic()
-    assert default_model_dir() == smollm2_dir
+    assert default_model_dir() == default_dir
     assert time.monotonic() - start < 1.0
     assert weights.stat().st_mtime_ns == before
-    assert not [p for p in smollm2_dir.parent.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in default_dir.parent.iterdir() if ".tmp-" in p.name]
 
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
@@ -233,7 +233,7 @@ def test_tiny_model_runs_in_transformers(arch, tiny_dir, tokenizer):
     assert max(len(set(c)) for c in continuations) > 2, f"greedy output repeats: {continuations}"
 
 
-def test_tiny_model_is_deterministic_in_its_seed(tmp_path, smollm2_dir):
+def test_tiny_model_is_deterministic_in_its_seed(tmp_path, default_dir):
     from safetensors.torch import load_file
 
     rng = torch.get_rng_state()
@@ -256,7 +256,7 @@ def test_tiny_model_is_deterministic_in_its_seed(tmp_path, smollm2_dir):
 
 _VLLM_DRIVER = textwrap.dedent('''
     """Start vLLM engines one after another and record what they generate (see test_models.py)."""
-    import gc, json, sys, time, traceback
+    import gc, json, os, sys, time, traceback
 
     def main(spec_path, result_path):
         spec = json.loads(open(spec_path).read())
@@ -299,15 +299,18 @@ _VLLM_DRIVER = textwrap.dedent('''
 
     if __name__ == "__main__":
         main(sys.argv[1], sys.argv[2])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # results are written; skip the slow interpreter teardown of an engine process
 ''')
 
 
 @pytest.fixture(scope="module")
-def vllm_results(smollm2_dir, tiny_dir, tokenizer, tmp_path_factory):
+def vllm_results(default_dir, tiny_dir, tokenizer, tmp_path_factory):
     """Run every vLLM check of this module in one child process; return its results."""
     work = tmp_path_factory.mktemp("vllm-driver")
     prompts = [tokenizer(text)["input_ids"] for text in TEXT_PROMPTS]
-    jobs = [dict(name="smollm2", model=str(smollm2_dir), dtype="bfloat16",
+    jobs = [dict(name="smollm2", model=str(default_dir), dtype="bfloat16",
                  chat="What is 2 + 3?", max_tokens=32)]
     # fp32: vLLM's CPU backend would otherwise downcast fp32 checkpoints to bf16 ("auto").
     jobs += [dict(name=arch, model=str(tiny_dir(arch)), dtype="float32",
@@ -318,7 +321,7 @@ def vllm_results(smollm2_dir, tiny_dir, tokenizer, tmp_path_factory):
                VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_PLUGINS="")
     proc = subprocess.run([sys.executable, str(work / "driver.py"), str(work / "spec.json"),
                            str(work / "results.json")], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=400)
+                          text=True, timeout=600)
     log = (proc.stdout + proc.stderr)[-6000:]
     (work / "driver.log").write_text(proc.stdout + proc.stderr)
     assert (work / "results.json").is_file(), f"vLLM driver died (rc={proc.returncode}):\n{log}"

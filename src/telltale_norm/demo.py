@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -167,9 +168,9 @@ def progress_bar(label: str) -> Callable[..., Any]:
     """A tqdm factory for `LLM.generate(use_tqdm=...)` whose bars name the method."""
     from tqdm import tqdm
 
-    def make(**kwargs: Any) -> Any:
+    def make(*args: Any, **kwargs: Any) -> Any:
         kwargs["desc"] = f"{label}: {kwargs.get('desc', '')}".rstrip(": ")
-        return tqdm(**kwargs)
+        return tqdm(*args, **kwargs)
 
     return make
 
@@ -226,7 +227,7 @@ class Unavailable(Exception):
     """A method this build of telltale-norm does not offer yet."""
 
 
-def _rerank_select() -> Callable[[Any, list[Any]], list[Any]]:
+def _rerank_select() -> Callable[..., list[Any]]:
     try:
         from telltale_norm.rerank import select
     except ImportError as err:
@@ -265,7 +266,8 @@ def run_method(llm: Any, method: str, prompts: list[str], problems: list[Problem
         if method in str(err):
             raise Unavailable(str(err).splitlines()[0]) from None
         raise
-    chosen = select(llm, outputs) if method == "rerank" else [o.outputs[0] for o in outputs]
+    chosen = ([s.output for s in select(llm, outputs)] if method == "rerank"
+              else [o.outputs[0] for o in outputs])
     wall = time.perf_counter() - start
     stats = telltale_norm.stats(llm)
 
@@ -273,8 +275,6 @@ def run_method(llm: Any, method: str, prompts: list[str], problems: list[Problem
                           tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
                           interventions=_interventions(stats))
     for i, (problem, completion) in enumerate(zip(problems, chosen)):
-        # rerank.select may give the chosen candidate's index instead of the candidate
-        completion = outputs[i].outputs[completion] if isinstance(completion, int) else completion
         predicted = last_number(completion.text)
         ok = predicted is not None and math.isclose(predicted, problem.expected, abs_tol=1e-6)
         result.correct += ok
@@ -290,7 +290,7 @@ def run_method(llm: Any, method: str, prompts: list[str], problems: list[Problem
 
 
 def format_table(results: Sequence[MethodResult]) -> str:
-    """The results as one aligned plain-text table."""
+    """The results as one aligned plain-text table (numbers right-aligned)."""
     header = ("method", "status", "accuracy [95% CI]", "correct", "tokens", "wall s",
               "interventions")
     rows = []
@@ -299,14 +299,16 @@ def format_table(results: Sequence[MethodResult]) -> str:
             rows.append((r.method, r.status, "-", "-", "-", "-", "-"))
             continue
         rows.append((r.method, r.status,
-                     f"{100 * r.accuracy:5.1f}% [{100 * r.ci[0]:4.1f}, {100 * r.ci[1]:5.1f}]",
+                     f"{100 * r.accuracy:.1f}% [{100 * r.ci[0]:.1f}, {100 * r.ci[1]:.1f}]",
                      f"{r.correct}/{r.total}", str(r.tokens), f"{r.wall_s:.1f}",
                      str(r.interventions)))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-             for row in (header, *rows)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 def run_demo(options: DemoOptions) -> Path:
@@ -361,7 +363,8 @@ def run_demo(options: DemoOptions) -> Path:
                if PLOT_PROBLEM in traces.get(m, {})]
     png = out / "norm_trace.png"
     plot_traces([t for _, t in plotted], png, labels=[m for m, _ in plotted],
-                title=f"problem {PLOT_PROBLEM}: {problems[PLOT_PROBLEM].question[:90]}")
+                title=textwrap.shorten(f"problem {PLOT_PROBLEM}: "
+                                       f"{problems[PLOT_PROBLEM].question}", 110))
     (out / "results.json").write_text(json.dumps({
         "model": str(model), "problems_source": source, "options": {
             k: v for k, v in asdict(options).items() if k != "out"},

@@ -45,14 +45,16 @@ def plot_traces(traces: Sequence[RequestTrace], path: str | Path,
     colors = [f"C{i % 10}" for i in range(len(traces))]
     actions_seen: set[int] = set()
 
+    # Earlier traces are drawn wider, so a trace identical to a later one still shows.
+    widths = np.linspace(2.6, 1.0, len(traces)) if len(traces) > 1 else [1.2]
     for ax, layer in zip(axes, layers):
-        for trace, label, color in zip(traces, labels, colors):
+        for trace, label, color, lw in zip(traces, labels, colors, widths):
             if layer not in trace.layers:
                 continue
             col = trace.layers.index(layer)
             steps = np.arange(trace.norm.shape[0])
             norm = trace.norm[:, col]
-            ax.plot(steps, norm, color=color, lw=1.0, label=label)
+            ax.plot(steps, norm, color=color, lw=lw, label=label)
             tau = np.where(np.isfinite(trace.tau[:, col]), trace.tau[:, col], np.nan)
             ax.plot(steps, tau, color=color, lw=0.9, ls="--")  # NaN (no tau yet) leaves a gap
             for bit, (marker, _) in ACTION_MARKERS.items():

@@ -16,7 +16,7 @@ import os
 from vllm.exceptions import VLLMValidationError
 
 from telltale_norm.config import REQUEST_PREFIX, ConfigError, TelltaleConfig, check_request
-from telltale_norm.vllm_adapter.patching import patch_method
+from telltale_norm.vllm_adapter.patching import on_import, patch_method
 
 logger = logging.getLogger("vllm.telltale_norm")
 
@@ -108,8 +108,7 @@ def _validate_params(original):
 
 def install() -> None:
     """Install the frontend patches (idempotent)."""
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    patch_method(EngineArgs, "create_engine_config", _create_engine_config)
-    patch_method(InputProcessor, "_validate_params", _validate_params)
+    on_import("vllm.engine.arg_utils", lambda module: patch_method(
+        module.EngineArgs, "create_engine_config", _create_engine_config))
+    on_import("vllm.v1.engine.input_processor", lambda module: patch_method(
+        module.InputProcessor, "_validate_params", _validate_params))

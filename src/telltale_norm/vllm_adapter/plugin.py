@@ -19,7 +19,8 @@ def register() -> None:
     config = TelltaleConfig.from_env()
     if not config.active:
         return
-    from telltale_norm.vllm_adapter import frontend, worker
+    from telltale_norm.vllm_adapter import frontend, server, worker
 
     frontend.install()
     worker.install()
+    server.install()

@@ -8,8 +8,9 @@ Patched (each original kept as `<name>._telltale_original`):
   next step, which may schedule no tokens and return before the forward).
 - `GPUModelRunner._model_forward`: runs inside the forward context with the final batch
   order; the step's token -> request mapping is built here, once per step.
-- `WorkerBase`: `telltale_stats`, `telltale_reset_stats`, `telltale_dump_stats` methods for
+- `WorkerBase`: the `RPC_METHODS` (`telltale_stats`, `telltale_traces`, ...) for
   `LLM.collective_rpc`.
+Each is applied when vLLM imports the module, so only processes that use it pay for it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from telltale_norm.runtime import TelltaleRuntime
 from telltale_norm.thresholds import calibration_record
 from telltale_norm.vllm_adapter import state
 from telltale_norm.vllm_adapter.frontend import engine_config
-from telltale_norm.vllm_adapter.patching import patch_method
+from telltale_norm.vllm_adapter.patching import on_import, patch_method
 from telltale_norm.vllm_adapter.requests import external_request_id
 from telltale_norm.vllm_adapter.rerun import check_rerun_supported
 from telltale_norm.vllm_adapter.layers import find_decoder_layers, wrap_decoder_layers
@@ -192,22 +193,25 @@ RPC_METHODS = (telltale_stats, telltale_reset_stats, telltale_dump_stats, tellta
                telltale_calibration)
 
 
-def install() -> None:
-    """Install the worker-side patches (idempotent)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.worker_base import WorkerBase
+def _patch_gpu_runner(module) -> None:
+    cls = module.GPUModelRunner
+    patch_method(cls, "load_model", _after_load)
+    patch_method(cls, "execute_model", _execute_model)
+    patch_method(cls, "_model_forward", _model_forward)
 
-    runners: list[type] = [GPUModelRunner]
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-        runners.append(CPUModelRunner)
-    except ImportError:  # a build without the CPU runner
-        pass
-    for cls in runners:
-        if "load_model" in cls.__dict__:
-            patch_method(cls, "load_model", _after_load)
-    patch_method(GPUModelRunner, "execute_model", _execute_model)
-    patch_method(GPUModelRunner, "_model_forward", _model_forward)
+def _patch_cpu_runner(module) -> None:
+    # The CPU runner inherits the rest, but overrides load_model without calling super().
+    patch_method(module.CPUModelRunner, "load_model", _after_load)
+
+
+def _add_rpc_methods(module) -> None:
     for method in RPC_METHODS:
-        setattr(WorkerBase, method.__name__, method)
+        setattr(module.WorkerBase, method.__name__, method)
+
+
+def install() -> None:
+    """Install the worker-side patches in the processes that import the model runners."""
+    on_import("vllm.v1.worker.gpu_model_runner", _patch_gpu_runner)
+    on_import("vllm.v1.worker.cpu_model_runner", _patch_cpu_runner)
+    on_import("vllm.v1.worker.worker_base", _add_rpc_methods)
