@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval.api.registry import model_registry, register_model
-from lm_eval.models.utils import maybe_truncate
+from lm_eval.models.utils import maybe_truncate, postprocess_generated_text
 from lm_eval.models.vllm_causallms import VLLM
 
 from telltale_norm.config import TelltaleConfig
+from telltale_norm.rerank import select
 from telltale_norm.tasks import BUNDLED_TASKS, TAG, task_dir
 
-__all__ = ["VLLMLRS", "extract_answer", "main", "with_bundled_tasks"]
+__all__ = ["VLLMLRS", "extract_answer", "lrs_summary", "main", "with_bundled_tasks"]
 
 # A child of lm-eval's logger, so messages appear with lm-eval's own (it configures only its
 # logger, not the root).
@@ -82,13 +83,12 @@ class VLLMLRS(VLLM):
     (multiple-choice tasks) are lm-eval's own.
 
     Needs the patched engine: with `VLLM_PATCH` off it switches on `monitor`, which changes no
-    output; each generation request itself asks for `telltale_method=rerank`.
+    output. Each generation request asks for `telltale_method=rerank`, which replaces the
+    engine's method for that request.
     """
 
     def __init__(self, pretrained: str, lrs_k: int = 4, lrs_temperature: float = 0.7,
                  lrs_report: str | None = None, **kwargs: Any) -> None:
-        from telltale_norm.rerank import select  # the selection lives with the rerank method
-
         if int(lrs_k) < 2:
             raise ValueError(f"lrs_k={lrs_k}: allowed: an integer >= 2 (candidates per request)")
         if float(lrs_temperature) <= 0:
@@ -104,7 +104,6 @@ class VLLMLRS(VLLM):
 
         register()
         super().__init__(pretrained, **kwargs)
-        self._select = select
         self.lrs_k = int(lrs_k)
         self.lrs_temperature = float(lrs_temperature)
         self.lrs_report = Path(lrs_report) if lrs_report else None
@@ -127,7 +126,7 @@ class VLLMLRS(VLLM):
         outputs = super()._model_generate(requests, generate, sampling_params)
         if not generate:
             return outputs
-        for output, selection in zip(outputs, self._select(self.model, outputs), strict=True):
+        for output, selection in zip(outputs, select(self.model, outputs), strict=True):
             candidates = sorted(output.outputs, key=lambda c: c.index)
             chosen = next(c for c in candidates if c.index == selection.index)
             # lm-eval answers with outputs[0].
@@ -142,26 +141,32 @@ class VLLMLRS(VLLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         answers = super().generate_until(requests, disable_tqdm)
+        # The end-of-text string as lm-eval's generate_until takes it (a stop string there).
+        eos = self.tokenizer.decode(self.eot_token_id) or getattr(self.tokenizer, "eos_token",
+                                                                   None)
         for request in requests:
-            row = self._pending[self._prompt_key(request)].pop(0)
-            gold = _gold(request.doc)
+            tokens, until = self._prompt(request, eos)
+            row = self._pending[tokens].pop(0)
             for candidate in row["candidates"]:
+                # The text lm-eval would have scored, had this candidate been chosen.
+                candidate["text"] = postprocess_generated_text(candidate["text"], until,
+                                                               self.think_end_token)
                 candidate["answer"] = extract_answer(candidate["text"])
-            row = {"task": request.task_name, "doc_id": request.doc_id, "gold": gold, **row}
-            self._rows.append(row)
+            self._rows.append({"task": request.task_name, "doc_id": request.doc_id,
+                               "gold": _gold(request.doc), **row})
         self._report()
         return answers
 
-    def _prompt_key(self, request: Any) -> tuple[int, ...]:
-        # The prompt tokens generate_until sent for this request: its context encoded and
-        # truncated exactly as lm-eval's VLLM.generate_until does.
+    def _prompt(self, request: Any, eos: str | None) -> tuple[tuple[int, ...], list[str]]:
+        """The prompt tokens generate_until sent for `request` (its context encoded and
+        truncated exactly as lm-eval's VLLM.generate_until does) and its stop strings."""
         context, gen_kwargs = request.args
-        _, _, max_gen_toks = self.modify_gen_kwargs(gen_kwargs,
-                                                    default_max_gen_toks=self.max_gen_toks)
+        _, until, max_gen_toks = self.modify_gen_kwargs(gen_kwargs, eos=eos,
+                                                        default_max_gen_toks=self.max_gen_toks)
         tokens, _ = maybe_truncate(self.tok_encode(context), max_gen_toks=max_gen_toks,
                                    max_model_len=self.max_length, side=self.truncation_side,
                                    verbose=False)
-        return tuple(tokens)
+        return tuple(tokens), until
 
     def _report(self) -> None:
         summary = lrs_summary(self._rows)

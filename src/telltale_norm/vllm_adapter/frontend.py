@@ -5,6 +5,8 @@
   CUDA, keep our op outside CUDA graphs; select the V1 model runner.
 - `InputProcessor._validate_params`: reject a request with bad `telltale_*` settings with a
   400-class error for that request alone, before it reaches a worker.
+- `LLM.generate`: append the statistics to a `.jsonl` stats file every
+  `VLLM_PATCH_DUMP_EVERY` calls.
 """
 
 from __future__ import annotations
@@ -106,9 +108,25 @@ def _validate_params(original):
     return validate_params
 
 
+def _generate(original):
+    def generate(self, *args, **kwargs):
+        outputs = original(self, *args, **kwargs)
+        config = engine_config(self.llm_engine.vllm_config)
+        if config.active and config.dump_every and str(config.stats_path).endswith(".jsonl"):
+            self._telltale_generate_calls = getattr(self, "_telltale_generate_calls", 0) + 1
+            if self._telltale_generate_calls % config.dump_every == 0:
+                self.collective_rpc("telltale_dump_stats")
+        return outputs
+
+    return generate
+
+
 def install() -> None:
     """Install the frontend patches (idempotent)."""
     on_import("vllm.engine.arg_utils", lambda module: patch_method(
         module.EngineArgs, "create_engine_config", _create_engine_config))
     on_import("vllm.v1.engine.input_processor", lambda module: patch_method(
         module.InputProcessor, "_validate_params", _validate_params))
+    # VLLM_PATCH_DUMP_EVERY counts offline generate calls (lm-eval's included).
+    on_import("vllm.entrypoints.llm", lambda module: patch_method(
+        module.LLM, "generate", _generate))
