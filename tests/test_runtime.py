@@ -138,3 +138,22 @@ def test_snapshot_reports_counters_and_quartiles():
     assert layer["tokens"] == 2 and layer["suppressed"] == 2
     assert layer["median"] == pytest.approx(2 * 8**0.5, rel=0.004)  # x = 2 in each of 8 dims
     assert snap["per_layer"]["2"]["tokens"] == 0
+
+
+def test_traces_record_decode_steps_and_leave_on_release():
+    rt = make_runtime()
+    extra = {"a": {**TAU0, "telltale_trace": 1}, "b": TAU0,
+             "c": {"telltale_method": "rerank", "telltale_tau_json": '{"1": 100, "2": 100}'}}
+    run_step(rt, [("a", 3, 0, 3), ("b", 3, 0, 3), ("c", 3, 0, 3)], extra)  # prefill
+    for pos in range(3, 7):  # four decode steps, layer 1 only
+        run_step(rt, [("a", 1, pos, 3), ("b", 1, pos, 3), ("c", 1, pos, 3)])
+    rt.release(["a", "b", "c"])
+    traces = {t.request_id: t for t in rt.traces.take()}
+    assert set(traces) == {"a", "c"}  # b was not traced
+    a = traces["a"]
+    assert a.layers == (1, 2) and a.norm.shape == (4, 2)
+    assert np.allclose(a.norm[:, 0], 2 * 8**0.5) and (a.norm[:, 1] == 0).all()  # layer 2 idle
+    assert (a.action[:, 0] == 1).all()  # suppressed every step
+    assert traces["c"].scores["A"] == pytest.approx(4 * 2 * 8**0.5, rel=1e-5)
+    assert traces["c"].scores["metric"] == "mean" and (traces["c"].action == 0).all()
+    assert rt.traces.take() == []

@@ -90,6 +90,7 @@ class RequestStates:
         self._buffers: dict[str, tuple[torch.Tensor, float]] = {}
         self.method = np.zeros(0, dtype=np.int64)  # host copies for per-step decisions
         self.layers_host = np.zeros((0, num_layers), dtype=bool)
+        self.adaptive_host = np.zeros((0, num_layers), dtype=bool)  # patched, tau not fixed
         self.high_water = np.zeros(0, dtype=np.int64)
         self.prompt_len = np.zeros(0, dtype=np.int64)
         self.traced = np.zeros(0, dtype=bool)
@@ -124,6 +125,8 @@ class RequestStates:
         self.method = np.concatenate([self.method, np.zeros(capacity - old, dtype=np.int64)])
         self.layers_host = np.concatenate(
             [self.layers_host, np.zeros((capacity - old, self.num_layers), dtype=bool)])
+        self.adaptive_host = np.concatenate(
+            [self.adaptive_host, np.zeros((capacity - old, self.num_layers), dtype=bool)])
         self.high_water = np.concatenate(
             [self.high_water, np.full(capacity - old, -1, dtype=np.int64)])
         self.prompt_len = np.concatenate([self.prompt_len, np.zeros(capacity - old, np.int64)])
@@ -159,6 +162,7 @@ class RequestStates:
         self.buffer("seed")[slot] = row.seed
         self.method[slot] = row.method
         self.layers_host[slot] = row.layers & (row.method != METHOD_ID["off"])
+        self.adaptive_host[slot] = self.layers_host[slot] & np.isnan(row.tau)
         self.high_water[slot] = -1
         self.prompt_len[slot] = prompt_len
         self.traced[slot] = row.trace and row.method != METHOD_ID["off"]
@@ -170,6 +174,7 @@ class RequestStates:
         if slot is not None:
             self.method[slot] = METHOD_ID["off"]
             self.layers_host[slot] = False
+            self.adaptive_host[slot] = False
             self.traced[slot] = False
             self._free.append(slot)
         return slot

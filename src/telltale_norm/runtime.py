@@ -62,6 +62,7 @@ class StepBatch:
     decode: torch.Tensor  # bool [T]
     position: torch.Tensor  # int64 [T]
     active_layers: np.ndarray  # bool [num_layers], host
+    adaptive_layers: np.ndarray  # bool [num_layers]: some request needs the adaptive tau
     methods: frozenset[int]  # methods of the step's requests, host
     ttts_tokens: torch.Tensor | None  # int64: decode tokens of ttts requests (one each)
     ttts_slots: torch.Tensor | None  # int64: their slots
@@ -175,6 +176,7 @@ class TelltaleRuntime:
             decode=to_dev(decode),
             position=to_dev(position),
             active_layers=active_layers,
+            adaptive_layers=states.adaptive_host[slots].any(axis=0),
             methods=frozenset(int(m) for m in np.unique(methods) if m != OFF),
             ttts_tokens=to_dev(ttts_tokens) if len(ttts_tokens) else None,
             ttts_slots=to_dev(slots[tok_req][ttts_tokens]) if len(ttts_tokens) else None,
@@ -203,7 +205,7 @@ class TelltaleRuntime:
         norms = token_norms(h, r)
         self.quantiles.update(layer, norms, observe)
         self.counters["tokens"][layer] += observe.sum()
-        tau, ready = self._tau(layer, slot, params)
+        tau, ready = self._tau(layer, slot, params, step.adaptive_layers[layer])
         action = torch.zeros_like(slot, dtype=torch.uint8)  # ACTION_* bits per token
 
         if LOOP in step.methods and rerun is not None and residual is not None:
@@ -270,10 +272,12 @@ class TelltaleRuntime:
             counters["max_low_streak"][layer], out.state.low_streak.max().double())
         return out.injected
 
-    def _tau(self, layer: int, slot: torch.Tensor,
-             params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tau(self, layer: int, slot: torch.Tensor, params: torch.Tensor,
+             adaptive_needed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token tau for `layer`, and whether it may be acted on (not warming up)."""
         fixed = self.states.buffer("tau")[slot, layer]
+        if not adaptive_needed:  # every request of the step has a fixed tau here
+            return fixed, torch.ones_like(fixed, dtype=torch.bool)
         q1, q3 = self.quantiles.quantiles(layer, [0.25, 0.75]).float()
         adaptive = adaptive_tau(q1, q3, params[:, COL["iqr_k"]], params[:, COL["min_iqr"]],
                                 params[:, COL["tau_floor"]])
