@@ -209,46 +209,55 @@ class TelltaleRuntime:
         action = torch.zeros_like(slot, dtype=torch.uint8)  # ACTION_* bits per token
 
         if LOOP in step.methods and rerun is not None and residual is not None:
-            result = loop_step(
-                hidden, residual, t, norms, tau,
-                eligible=in_layer & (method == LOOP) & ready & step.decode,
-                max_extra=params[:, COL["loop_max_extra"]].long(),
-                growth_eps=params[:, COL["loop_growth_eps"]],
-                blowup=params[:, COL["loop_blowup"]], alpha=params[:, COL["loop_alpha"]],
-                rerun=rerun)
-            counters = self.counters
-            counters["reruns"][layer] += result.runs.sum()
-            counters["rerun_tokens"][layer] += result.entered.sum()
-            counters["rerun_taken"][layer] += result.taken.sum()
-            counters["rerun_stopped_tau"][layer] += result.stopped_tau.sum()
-            counters["rerun_stopped_growth"][layer] += result.stopped_growth.sum()
-            counters["rerun_stopped_blowup"][layer] += result.stopped_blowup.sum()
-            counters["rerun_layer_passes"][layer] += result.layer_passes
-            action |= (result.taken > 0).to(torch.uint8) * ACTION_RERUN
-
+            eligible = in_layer & (method == LOOP) & ready & step.decode
+            action |= self._loop(layer, hidden, residual, norms, tau, eligible, params, rerun)
         if step.ttts_tokens is not None and layer in self.banks.column:
             injected = self._ttts(layer, h, r, norms, tau, in_layer & ready, params, step)
             action[step.ttts_tokens] |= injected.to(torch.uint8) * ACTION_INJECT
-
         if SUPPRESS in step.methods:
             only_decode = params[:, COL["suppress_only_decode"]] > 0
-            eligible = (in_layer & (method == SUPPRESS) & ready
-                        & (step.decode | ~only_decode))
-            draws = rng.uniform(self.states.buffer("seed")[slot], rng.STREAM_SUPPRESS, layer,
-                                step.position)
-            factor, chosen = suppress_factors(
-                norms, tau, eligible,
-                random_mode=params[:, COL["suppress_random"]] > 0, draws=draws,
-                p=params[:, COL["suppress_p"]],
-                clamp_action=params[:, COL["suppress_clamp"]] > 0,
-                mul_scale=params[:, COL["suppress_mul_scale"]],
-                clamp_div=params[:, COL["suppress_clamp_div"]])
-            scale_residual_stream_(h, r, factor)
-            self.counters["suppressed"][layer] += chosen.sum()
-            action |= chosen.to(torch.uint8) * ACTION_SUPPRESS
+            eligible = in_layer & (method == SUPPRESS) & ready & (step.decode | ~only_decode)
+            action |= self._suppress(layer, h, r, norms, tau, eligible, params, step)
 
         if step.trace_row is not None:
             self.traces.record(layer, slot, step.trace_row, norms, tau, action)
+
+    def _loop(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
+              norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
+              params: torch.Tensor, rerun: Rerun) -> torch.Tensor:
+        """ALRR on the whole (padded) layer output; returns ACTION_RERUN bits per token."""
+        result = loop_step(
+            hidden, residual, norms.shape[0], norms, tau, eligible,
+            max_extra=params[:, COL["loop_max_extra"]].long(),
+            growth_eps=params[:, COL["loop_growth_eps"]],
+            blowup=params[:, COL["loop_blowup"]], alpha=params[:, COL["loop_alpha"]],
+            rerun=rerun)
+        counters = self.counters
+        counters["reruns"][layer] += result.runs.sum()
+        counters["rerun_tokens"][layer] += result.entered.sum()
+        counters["rerun_taken"][layer] += result.taken.sum()
+        counters["rerun_stopped_tau"][layer] += result.stopped_tau.sum()
+        counters["rerun_stopped_growth"][layer] += result.stopped_growth.sum()
+        counters["rerun_stopped_blowup"][layer] += result.stopped_blowup.sum()
+        counters["rerun_layer_passes"][layer] += result.layer_passes
+        return (result.taken > 0).to(torch.uint8) * ACTION_RERUN
+
+    def _suppress(self, layer: int, h: torch.Tensor, r: torch.Tensor | None,
+                  norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
+                  params: torch.Tensor, step: StepBatch) -> torch.Tensor:
+        """suppress on the step's tokens; returns ACTION_SUPPRESS bits per token."""
+        draws = rng.uniform(self.states.buffer("seed")[step.token_slot], rng.STREAM_SUPPRESS,
+                            layer, step.position)
+        factor, chosen = suppress_factors(
+            norms, tau, eligible,
+            random_mode=params[:, COL["suppress_random"]] > 0, draws=draws,
+            p=params[:, COL["suppress_p"]],
+            clamp_action=params[:, COL["suppress_clamp"]] > 0,
+            mul_scale=params[:, COL["suppress_mul_scale"]],
+            clamp_div=params[:, COL["suppress_clamp_div"]])
+        scale_residual_stream_(h, r, factor)
+        self.counters["suppressed"][layer] += chosen.sum()
+        return chosen.to(torch.uint8) * ACTION_SUPPRESS
 
     def _ttts(self, layer: int, h: torch.Tensor, r: torch.Tensor | None, norms: torch.Tensor,
               tau: torch.Tensor, eligible: torch.Tensor, params: torch.Tensor,
