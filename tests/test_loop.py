@@ -384,7 +384,9 @@ def compare_with_reference(llm, model_dir):
     monitor = {t.request_id: t for t in telltale_norm.traces(llm)}
     norms = np.concatenate([monitor[o.request_id].norm for o in outputs])
     tau = {layer: middle_gap_tau(norms[:, i]) for i, layer in enumerate(LAYERS)}
-    loop = LoopSettings(tau=tau, max_extra=2, growth_eps=0.0, blowup=1.25, alpha=0.75)
+    # On these models a re-run grows the norm by 20-80 %: BLOWUP 2 and GROWTH_EPS 0.3 let some
+    # tokens keep one or two re-runs and stop others by either rule (none can stop by tau).
+    loop = LoopSettings(tau=tau, max_extra=2, growth_eps=0.3, blowup=2.0, alpha=0.75)
 
     telltale_norm.reset_stats(llm)
     outputs = llm.generate(DIFF_PROMPTS, greedy(
@@ -402,7 +404,7 @@ def compare_with_reference(llm, model_dir):
         trace = traces[out.request_id]
         assert list(out.outputs[0].token_ids) == gen.tokens
         # decisions must not sit on a rule's boundary, or float32 noise could flip them
-        assert gen.margin[:, cols].min() > 1e-4, gen.margin[:, cols].min()
+        assert gen.margin[:, cols].min() > 1e-5, gen.margin[:, cols].min()
         np.testing.assert_array_equal((trace.action & 2) > 0, gen.taken[:, cols] > 0)
         np.testing.assert_allclose(trace.norm, gen.norm[:, cols], rtol=1e-4)
         np.testing.assert_allclose(trace.tau, np.broadcast_to(
@@ -414,9 +416,11 @@ def compare_with_reference(llm, model_dir):
             totals[f"rerun_stopped_{why}"] += getattr(gen, f"stopped_{why}")[:, cols].sum(0)
     for key, value in totals.items():
         assert per_layer(stats, key) == dict(zip(LAYERS, value.tolist())), key
-    # some but not all tokens re-ran, and some re-runs went on to a second pass
+    # some but not all tokens kept a re-run; some ran a second one; both stopping rules fired
     decode = len(DIFF_PROMPTS) * (DIFF_STEPS - 1)
     assert all(0 < t < decode for t in totals["rerun_taken"]), totals
+    assert (totals["reruns"] > totals["rerun_tokens"]).all(), totals
+    assert totals["rerun_stopped_growth"].sum() > 0 and totals["rerun_stopped_blowup"].sum() > 0
     return totals
 
 
@@ -443,17 +447,23 @@ def test_vllm_loop_matches_reference_llama(llm, tiny_model):
     compare_with_reference(llm, tiny_model("llama"))
 
 
+@pytest.mark.engine
 def test_vllm_loop_matches_reference_qwen3(tiny_model):
     with vllm_engine(tiny_model("qwen3"), ENGINE_ENV, **ENGINE_KWARGS) as engine:
         compare_with_reference(engine, tiny_model("qwen3"))
 
 
 # ---------------------------------------------------------------- 7: compiled engine
+@pytest.mark.engine
 def test_compiled_engine_reruns_at_run_time(tiny_model, forced):
     """Compiled (torch.compile traces the model once): the re-runs happen inside the opaque
     op on every step, so the counters equal eager's; the tokens too."""
     with vllm_engine(tiny_model("llama"), ENGINE_ENV, enforce_eager=False,
                      **ENGINE_KWARGS) as engine:
+        from vllm.config import CompilationMode
+
+        # on the CPU the model is compiled in DYNAMO_TRACE_ONCE mode (traced once)
+        assert engine.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
         tokens, stats = run(engine, **FORCE, telltale_max_extra=1)
         _, stats3 = run(engine, **FORCE, telltale_max_extra=3)
     for key in ("reruns", "rerun_tokens", "rerun_taken"):
