@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from telltale_norm.config import ConfigError, TelltaleConfig
-from telltale_norm.demo import UserError
+from telltale_norm.demo import (DEMO_METHODS, FULL_SIZE, GPU_MEMORY_UTILIZATION, QUICK_SIZE,
+                                UserError)
 
 PROG = "telltale-norm"
 SUPPORTED_VLLM = "0.32."
@@ -38,6 +39,7 @@ NON_FITTING_ARCHS = tuple(f"{name}ForCausalLM" for name in (
     "Falcon", "Granite", "OPT", "MiniCPM", "Gemma4", "Qwen3Next"))
 TORCH_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 GIB = 1024 ** 3
+CALIBRATE_PROBLEMS = 64  # bundled word problems calibrate runs by default
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +84,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="vLLM dtype (default: the model's)")
     parser.add_argument("--compile", action="store_true",
                         help="use vLLM's compiled graphs (~90 s start on CPU) instead of eager")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's INFO logs")
+    parser.add_argument("--gpu-memory-utilization", type=_fraction,
+                        default=GPU_MEMORY_UTILIZATION, metavar="F",
+                        help="vLLM's memory share (on CPU: of RAM; `telltale-norm doctor` "
+                             "suggests one; default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's logs (default: errors only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,23 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", formatter_class=raw, help="compare all methods on bundled word problems",
         description=_wrap("Run the baseline and each method side by side through one engine on "
-                    "bundled arithmetic word problems (greedy; rerank samples --rerank-k "
-                    "candidates). Tau is calibrated on the baseline run. Prints a table "
-                    "(accuracy with 95% Wilson interval, tokens, time, interventions) and "
-                    "writes results.json, traces.json and a norm-trace PNG."),
+                          "bundled arithmetic word problems (greedy; rerank samples --rerank-k "
+                          "candidates). Tau is calibrated on the baseline run. Prints a table "
+                          "(accuracy with 95% Wilson interval, tokens, time, interventions) and "
+                          "writes results.json, traces.json and a norm-trace PNG."),
         epilog="examples:\n"
                "  telltale-norm demo --quick                      # a few minutes on 2 CPU cores\n"
                "  telltale-norm demo --methods off,suppress --n-problems 32 --out runs/x\n"
                "  telltale-norm demo --model ~/models/Qwen2.5-0.5B-Instruct --compile")
     _add_engine_flags(demo)
     demo.add_argument("--quick", action="store_true",
-                      help="small run: 12 problems, 96 tokens (default: 64 and 256)")
-    demo.add_argument("--methods", default="off,monitor,suppress,loop,ttts,rerank",
+                      help=f"small run: {QUICK_SIZE[0]} problems, {QUICK_SIZE[1]} tokens "
+                           f"(default: {FULL_SIZE[0]} and {FULL_SIZE[1]})")
+    demo.add_argument("--methods", default=",".join(DEMO_METHODS),
                       help="comma-separated methods (default: %(default)s)")
     demo.add_argument("--n-problems", type=_positive_int, metavar="N",
-                      help="number of word problems (default: 12 with --quick, else 64)")
+                      help="number of word problems (overrides --quick's)")
     demo.add_argument("--max-tokens", type=_positive_int, metavar="T",
-                      help="tokens per answer (default: 96 with --quick, else 256)")
+                      help="tokens per answer (overrides --quick's)")
     demo.add_argument("--out", type=Path, metavar="DIR",
                       help="output folder (default: runs/demo-<timestamp>)")
     demo.add_argument("--tau-q", type=_fraction, default=0.9, metavar="Q",
@@ -124,12 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal = commands.add_parser(
         "calibrate", formatter_class=raw, help="write a norm statistics file; print tau",
         description=_wrap("Run prompts under monitor (greedy), write the decode-token norm "
-                    "percentiles per layer (the VLLM_PATCH_STATE_PATH format) and print "
-                    "ready-to-paste PATCHED_LAYERS / PATCHED_TAU_JSON for quantile --q."),
+                          "percentiles per layer (the VLLM_PATCH_STATE_PATH format) and print "
+                          "ready-to-paste PATCHED_LAYERS / PATCHED_TAU_JSON for quantile --q."),
         epilog="examples:\n"
                "  telltale-norm calibrate --out stats.json --q 0.95\n"
                "  telltale-norm calibrate --prompts my.jsonl --layers 21,22,23 --max-tokens 512\n"
-               "  VLLM_PATCH=loop VLLM_PATCH_STATE_PATH=stats.json VLLM_PATCH_Q=0.95 vllm serve ...\n"
+               "  VLLM_PATCH=loop VLLM_PATCH_STATE_PATH=stats.json VLLM_PATCH_Q=0.95 \\\n"
+               "    vllm serve MODEL\n"
                "\n"
                "--prompts: one JSON object per line, with \"question\" (wrapped in the model's\n"
                "chat template, like the demo) or \"prompt\" (sent as it is).")
@@ -137,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--prompts", metavar="FILE.jsonl",
                      help="prompts (default: the bundled word problems)")
     cal.add_argument("--n", type=_positive_int, metavar="N",
-                     help="use the first N prompts (default: all of --prompts, or 64 problems)")
+                     help="use the first N prompts (default: all of --prompts, or "
+                          f"{CALIBRATE_PROBLEMS} problems)")
     cal.add_argument("--max-tokens", type=_positive_int, default=256, metavar="T",
                      help="tokens per prompt (default: %(default)s)")
     cal.add_argument("--layers", type=_layer_list, metavar="L1,L2",
@@ -151,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser(
         "plot", formatter_class=raw, help="plot a request's norm traces as PNG",
         description=_wrap("Plot norm traces: one subplot per layer, norm per decode step, tau "
-                    "dashed, interventions marked (suppressed, re-run, injected)."),
+                          "dashed, interventions marked (suppressed, re-run, injected)."),
         epilog="examples:\n"
                "  telltale-norm plot runs/demo-20250101-120000/traces.json --request problem-3\n"
                "  telltale-norm plot my_traces.json --out trace.png\n"
@@ -168,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor", formatter_class=raw, help="check the installation",
         description=_wrap("Check vLLM, the plugin, imports beside torch, the telltale settings in "
-                    "the environment and memory; with --model, whether a model fits. "
-                    "Exit code 0 when nothing FAILs."),
+                          "the environment and memory; with --model, whether a model fits. "
+                          "Exit code 0 when nothing FAILs."),
         epilog="examples:\n"
                "  telltale-norm doctor\n"
                "  VLLM_PATCH=loop PATCHED_LAYERS=20,21 telltale-norm doctor --model ~/m/qwen")
@@ -199,11 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from telltale_norm.demo import DemoOptions, parse_methods, run_demo
 
+    n_problems, max_tokens = QUICK_SIZE if args.quick else FULL_SIZE
     run_demo(DemoOptions(
         model=args.model, methods=parse_methods(args.methods),
-        n_problems=args.n_problems or (12 if args.quick else 64),
-        max_tokens=args.max_tokens or (96 if args.quick else 256),
-        out=args.out, compile=args.compile, dtype=args.dtype, seed=args.seed,
+        n_problems=args.n_problems or n_problems, max_tokens=args.max_tokens or max_tokens,
+        out=args.out, compile=args.compile, dtype=args.dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         rerank_k=args.rerank_k, tau_q=args.tau_q, verbose=args.verbose))
     return 0
 
@@ -211,8 +221,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- calibrate
 
 
-def read_prompt_file(path: str) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file, each with a "prompt" or "question" string."""
+def read_prompt_file(path: str) -> list[dict[str, str]]:
+    """A JSON-lines file's prompts: {"prompt": text} (sent as it is) or {"question": text}
+    (to be wrapped in the chat template); "prompt" wins when a line has both."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as err:
@@ -225,11 +236,12 @@ def read_prompt_file(path: str) -> list[dict[str, Any]]:
             item = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"--prompts {path}, line {number}: not JSON ({err.msg})") from None
-        if not isinstance(item, dict) or not any(
-                isinstance(item.get(key), str) for key in ("prompt", "question")):
+        key = next((k for k in ("prompt", "question")
+                    if isinstance(item, dict) and isinstance(item.get(k), str)), None)
+        if key is None:
             raise UserError(f"--prompts {path}, line {number}: needs a \"prompt\" or "
                             "\"question\" string field")
-        items.append(item)
+        items.append({key: item[key]})
     if not items:
         raise UserError(f"--prompts {path}: the file holds no prompts")
     return items
@@ -237,14 +249,15 @@ def read_prompt_file(path: str) -> list[dict[str, Any]]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import telltale_norm
-    from telltale_norm.demo import chat_prompts, engine, load_problems, resolve_model
+    from telltale_norm.demo import (chat_prompts, engine, load_problems, progress_bar,
+                                    resolve_model)
     from telltale_norm.thresholds import load_calibrated_tau
 
     if args.prompts:
         items = read_prompt_file(args.prompts)[:args.n]
         source = f"{len(items)} prompts of {args.prompts}"
     else:
-        problems, source = load_problems(args.n or 64)
+        problems, source = load_problems(args.n or CALIBRATE_PROBLEMS)
         items = [{"question": p.question} for p in problems]
     model = resolve_model(args.model)
     print(f"model: {model}\nprompts: {source}")
@@ -252,13 +265,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from vllm import SamplingParams
 
     with engine(model, compile=args.compile, dtype=args.dtype,
-                max_model_len=max(1024, args.max_tokens + 512), verbose=args.verbose,
+                max_model_len=max(1024, args.max_tokens + 512),
+                gpu_memory_utilization=args.gpu_memory_utilization, verbose=args.verbose,
                 method="monitor", layers=args.layers) as llm:
-        chat = iter(chat_prompts(llm, [i["question"] for i in items
-                                       if not isinstance(i.get("prompt"), str)]))
-        prompts = [i["prompt"] if isinstance(i.get("prompt"), str) else next(chat)
-                   for i in items]
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+        chat = iter(chat_prompts(llm, [i["question"] for i in items if "question" in i]))
+        prompts = [i["prompt"] if "prompt" in i else next(chat) for i in items]
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
+                     use_tqdm=progress_bar("calibrate"))
         record = telltale_norm.calibration(llm, args.layers)
     if not record["per_layer"]:
         raise UserError("no decode tokens were observed; raise --max-tokens")
@@ -406,10 +419,10 @@ def _check_config() -> tuple[Check, TelltaleConfig | None]:
     if not config.active:
         return Check("OK", "telltale settings: VLLM_PATCH off (engines run unpatched)"), config
     tau = config.fixed_tau()
-    return Check("OK", f"telltale settings: VLLM_PATCH={config.method}, layers "
-                       f"{'default' if config.layers is None else list(config.layers)}, tau "
-                       f"{json.dumps({str(k): round(v, 3) for k, v in tau.items()}) if tau else 'adaptive'}"
-                 ), config
+    layers = "default" if config.layers is None else list(config.layers)
+    tau_text = json.dumps({str(k): round(v, 3) for k, v in tau.items()}) if tau else "adaptive"
+    return Check("OK", f"telltale settings: VLLM_PATCH={config.method}, layers {layers}, "
+                       f"tau {tau_text}"), config
 
 
 def _check_model(path: str, config: TelltaleConfig | None) -> list[Check]:

@@ -27,6 +27,9 @@ from telltale_norm.config import normalize_method
 from telltale_norm.thresholds import load_calibrated_tau
 from telltale_norm.traces import RequestTrace
 
+DEMO_METHODS = ("off", "monitor", "suppress", "loop", "ttts", "rerank")
+QUICK_SIZE = (12, 96)  # (problems, tokens per answer) of `demo --quick`: minutes on 2 cores
+FULL_SIZE = (64, 256)
 # Methods that act on tau; they receive the calibrated tau per request.
 TAU_METHODS = ("suppress", "loop", "ttts", "rerank")
 # Per-layer counters of interventions in `telltale_norm.stats` (those the engine reports).
@@ -53,6 +56,9 @@ FALLBACK_PROBLEMS = [
     ("A train travels 60 km each hour for 3 hours and then 45 km. How far does it travel?",
      "60 * 3 = 180 km.\n180 + 45 = 225 km.\n#### 225"),
 ]
+
+
+GPU_MEMORY_UTILIZATION = 0.2  # on CPU: the share of RAM vLLM takes for weights and KV cache
 
 
 class UserError(ValueError):
@@ -140,15 +146,15 @@ def resolve_model(path: str | None) -> Path:
 
 @contextlib.contextmanager
 def engine(model: Path, *, compile: bool = False, dtype: str = "auto",
-           max_model_len: int = 1024, gpu_memory_utilization: float = 0.2,
+           max_model_len: int = 1024, gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
            verbose: bool = False, **settings: Any) -> Iterator[Any]:
     """A `vllm.LLM` with telltale-norm configured by `settings` (arguments of
     `telltale_norm.configure`). The process environment is restored afterwards, so a
     caller (a test, a notebook) keeps the settings it had."""
     saved = dict(os.environ)
     try:
-        if not verbose:
-            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if not verbose:  # vLLM logs to stdout: keep the command's own output readable
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         telltale_norm.configure(**settings)
         from vllm import LLM
 
@@ -199,12 +205,13 @@ class MethodResult:
 @dataclass(frozen=True)
 class DemoOptions:
     model: str | None = None
-    methods: tuple[str, ...] = ("off", "monitor", "suppress", "loop", "ttts", "rerank")
-    n_problems: int = 12
-    max_tokens: int = 96
+    methods: tuple[str, ...] = DEMO_METHODS
+    n_problems: int = QUICK_SIZE[0]
+    max_tokens: int = QUICK_SIZE[1]
     out: Path | None = None
     compile: bool = False
     dtype: str = "auto"
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     seed: int = 0
     rerank_k: int = 4
     rerank_temperature: float = 0.7
@@ -247,7 +254,7 @@ def run_method(llm: Any, method: str, prompts: list[str], problems: list[Problem
     from vllm import SamplingParams
 
     extra: dict[str, Any] = {"telltale_method": method}
-    if method in TAU_METHODS and tau_json is not None:
+    if method in TAU_METHODS:
         extra["telltale_tau_json"] = tau_json
     if method == "rerank":
         select = _rerank_select()
@@ -282,10 +289,13 @@ def run_method(llm: Any, method: str, prompts: list[str], problems: list[Problem
                                "candidate": completion.index, "text": completion.text})
     result.ci = wilson_interval(result.correct, result.total)
 
+    # Each problem's trace of the scored answer. (rerank.select takes rerank's traces itself.)
     problem_of = {o.request_id: i for i, o in enumerate(outputs)}
-    candidate = {i: a["candidate"] for i, a in enumerate(result.answers)}
-    traces = {problem_of[t.request_id]: t for t in telltale_norm.traces(llm)
-              if t.request_id in problem_of and t.index == candidate[problem_of[t.request_id]]}
+    traces = {}
+    for trace in telltale_norm.traces(llm):
+        i = problem_of.get(trace.request_id)
+        if i is not None and trace.index == result.answers[i]["candidate"]:
+            traces[i] = trace
     return result, traces
 
 
@@ -325,8 +335,9 @@ def run_demo(options: DemoOptions) -> Path:
     results: dict[str, MethodResult] = {}
     traces: dict[str, dict[int, RequestTrace]] = {}
     with engine(model, compile=options.compile, dtype=options.dtype,
-                max_model_len=max(1024, options.max_tokens + 512), verbose=options.verbose,
-                method="monitor", trace=True) as llm:
+                max_model_len=max(1024, options.max_tokens + 512),
+                gpu_memory_utilization=options.gpu_memory_utilization,
+                verbose=options.verbose, method="monitor", trace=True) as llm:
         prompts = chat_prompts(llm, [p.question for p in problems])
         # The baseline with monitor traces first: its norms calibrate tau for the others.
         results["monitor"], traces["monitor"] = run_method(llm, "monitor", prompts, problems,
@@ -351,6 +362,8 @@ def run_demo(options: DemoOptions) -> Path:
     shown = [results[m] for m in options.methods]
     print()
     print(format_table(shown))
+    print("  tokens: all generated tokens (rerank: all candidates); interventions: decode tokens "
+          "x layers suppressed, re-run or injected")
     for r in shown:
         if r.status != "ok":
             print(f"  {r.method}: {r.reason}")
@@ -362,9 +375,10 @@ def run_demo(options: DemoOptions) -> Path:
     plotted = [(m, traces[m][PLOT_PROBLEM]) for m in options.methods
                if PLOT_PROBLEM in traces.get(m, {})]
     png = out / "norm_trace.png"
-    plot_traces([t for _, t in plotted], png, labels=[m for m, _ in plotted],
-                title=textwrap.shorten(f"problem {PLOT_PROBLEM}: "
-                                       f"{problems[PLOT_PROBLEM].question}", 110))
+    if plotted:
+        plot_traces([t for _, t in plotted], png, labels=[m for m, _ in plotted],
+                    title=textwrap.shorten(f"problem {PLOT_PROBLEM}: "
+                                           f"{problems[PLOT_PROBLEM].question}", 110))
     (out / "results.json").write_text(json.dumps({
         "model": str(model), "problems_source": source, "options": {
             k: v for k, v in asdict(options).items() if k != "out"},
@@ -375,5 +389,7 @@ def run_demo(options: DemoOptions) -> Path:
     }, indent=2))
     print(f"\nwrote {out}/: results.json (table and answers), traces.json (norm traces; "
           f"plot one with `telltale-norm plot {out}/traces.json --request problem-N`), "
-          f"{png.name} (problem {PLOT_PROBLEM}), calibration.json (tau source)")
+          + (f"{png.name} (problem {PLOT_PROBLEM})" if plotted else
+             "no PNG (none of these methods is traced)")
+          + ", calibration.json (tau source)")
     return out

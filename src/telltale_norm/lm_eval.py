@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.utils import maybe_truncate, postprocess_generated_text
 from lm_eval.models.vllm_causallms import VLLM
@@ -97,6 +98,8 @@ class VLLMLRS(VLLM):
         if int(kwargs.get("data_parallel_size", 1)) > 1:
             raise ValueError("vllm_lrs needs the engine in this process: data_parallel_size=1")
         if not TelltaleConfig.from_env().active:
+            logger.info("vllm_lrs: VLLM_PATCH is off; starting the engine with "
+                        "VLLM_PATCH=monitor (scores norms, changes no output)")
             os.environ["VLLM_PATCH"] = "monitor"
         # vLLM loads plugins once per process: an engine made earlier with VLLM_PATCH off
         # left the frontend unpatched, so install it for this engine (idempotent).
@@ -265,8 +268,8 @@ def with_bundled_tasks(argv: Sequence[str]) -> list[str]:
             and not any("lrs_report" in value for value in options.model_args)):
         out = Path(options.output_path)
         stamp = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-        folder = out.parent if out.suffix == ".json" else out
-        argv += ["--model_args", f"lrs_report={folder / f'lrs_report_{stamp}.json'}"]
+        report_dir = out.parent if out.suffix == ".json" else out  # as lm-eval reads it
+        argv += ["--model_args", f"lrs_report={report_dir / f'lrs_report_{stamp}.json'}"]
     return argv
 
 
@@ -276,8 +279,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv == ["--task_dir"]:
         print(task_dir())
         return
-    from lm_eval.__main__ import cli_evaluate
-
     sys.argv = [sys.argv[0], *with_bundled_tasks(argv)]
     cli_evaluate()
 

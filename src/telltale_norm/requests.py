@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from telltale_norm.config import METHODS, RERANK_METRICS, TelltaleConfig
+from telltale_norm.config import METHODS, TelltaleConfig
 
 # Columns of the per-request float parameter table, in one place.
 PARAM_COLUMNS = (
@@ -24,7 +24,6 @@ PARAM_COLUMNS = (
     "ttts_bank_k",
     "suppress_random", "suppress_clamp", "suppress_mul_scale", "suppress_clamp_div",
     "suppress_only_decode", "suppress_p",
-    "rerank_metric", "rerank_layer_agg", "rerank_late_frac",
 )
 COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}
 METHOD_ID = {name: i for i, name in enumerate(METHODS)}
@@ -61,9 +60,6 @@ def request_row(cfg: TelltaleConfig, num_layers: int, seed: int) -> RequestRow:
         "suppress_mul_scale": cfg.suppress_mul_scale,
         "suppress_clamp_div": cfg.suppress_clamp_div,
         "suppress_only_decode": cfg.suppress_only_decode, "suppress_p": p,
-        "rerank_metric": RERANK_METRICS.index(cfg.rerank_metric),
-        "rerank_layer_agg": cfg.rerank_layer_agg == "mean",
-        "rerank_late_frac": cfg.rerank_late_frac,
     }
     params = np.array([float(values[c]) for c in PARAM_COLUMNS], dtype=np.float32)
     tau = np.full(num_layers, math.nan, dtype=np.float32)

@@ -8,6 +8,7 @@ whole step; Python loops run over requests (once per step), never over tokens.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from telltale_norm import rng
-from telltale_norm.config import RERANK_METRICS, ConfigError, TelltaleConfig, check_request
+from telltale_norm.config import ConfigError, TelltaleConfig, check_request
 from telltale_norm.methods.loop import Rerun, loop_step
 from telltale_norm.methods.rerank import candidate_scores
 from telltale_norm.methods.suppress import suppress_factors
@@ -87,6 +88,7 @@ class TelltaleRuntime:
         self.rejected_requests = 0
         self.traces = TraceRecorder(self.states, self.patched_layers, max_len)
         self.banks = Banks(self.states, self.patched_layers, config.ttts_bank_k)
+        self._scorers: dict[int, Callable[[np.ndarray, np.ndarray], dict]] = {}  # rerank slots
         self.step: StepBatch | None = None
 
     # ------------------------------------------------------------ requests
@@ -97,8 +99,9 @@ class TelltaleRuntime:
         try:
             cfg = self.config.with_request(extra_args)
             check_request(cfg, self.config, self.num_layers)
-            base = cfg.random_seed if seed is None else seed
-            row = request_row(cfg, self.num_layers, (base + sample_index) % 2**63)
+            # vLLM already gives sample i of a seeded request the seed `seed + i`.
+            seed = cfg.random_seed + sample_index if seed is None else seed
+            row = request_row(cfg, self.num_layers, seed % 2**63)
         except ConfigError as err:
             # The frontend validates requests before they reach a worker; this only guards
             # requests that bypassed it. Never fail the batch: run this one unpatched.
@@ -107,6 +110,10 @@ class TelltaleRuntime:
             row = request_row(TelltaleConfig(), self.num_layers, 0)
         slot = self.states.admit(req_id, row, prompt_len)
         self.states.buffer("method")[slot] = row.method
+        if row.method == RERANK:  # scored on the host when the request finishes
+            self._scorers[slot] = functools.partial(
+                candidate_scores, metric=cfg.rerank_metric, layer_agg=cfg.rerank_layer_agg,
+                late_frac=cfg.rerank_late_frac)
         return slot
 
     def release(self, req_ids: Sequence[str]) -> None:
@@ -114,19 +121,12 @@ class TelltaleRuntime:
         states = self.states
         for req_id in req_ids:
             slot = states.slot(req_id)
+            scorer = self._scorers.pop(slot, None)
             if slot is not None and states.traced[slot]:
-                scorer = self._rerank_scorer(slot) if states.method[slot] == RERANK else None
                 self.traces.finish(req_id, slot,
                                    int(states.high_water[slot] - states.prompt_len[slot] + 1),
                                    scorer)
             states.release(req_id)
-
-    def _rerank_scorer(self, slot: int) -> Callable[[np.ndarray, np.ndarray], dict]:
-        p = self.states.buffer("params")[slot].tolist()
-        metric = RERANK_METRICS[int(p[COL["rerank_metric"]])]
-        layer_agg = "mean" if p[COL["rerank_layer_agg"]] else "sum"
-        late_frac = p[COL["rerank_late_frac"]]
-        return lambda norm, tau: candidate_scores(norm, tau, metric, layer_agg, late_frac)
 
     # ------------------------------------------------------------ steps
     def begin_step(self, req_ids: Sequence[str], num_scheduled: np.ndarray,

@@ -100,9 +100,10 @@ class TraceRecorder:
         `scorer(norm, tau)` when given (one device-to-host copy per request)."""
         norm_buf, tau_buf, action_buf = self._buffers()
         n = max(0, min(num_steps, self.max_len))
-        norm, tau = norm_buf[slot, :n].cpu().numpy(), tau_buf[slot, :n].cpu().numpy()
-        self.outbox[req_id] = RequestTrace(req_id, self.layers, norm, tau,
-                                           action_buf[slot, :n].cpu().numpy(),
+        # Copies: on the CPU `.cpu()` would return a view of the slot, reused by the next request.
+        norm, tau, action = (buf[slot, :n].to("cpu", copy=True).numpy()
+                             for buf in (norm_buf, tau_buf, action_buf))
+        self.outbox[req_id] = RequestTrace(req_id, self.layers, norm, tau, action,
                                            scores=scorer(norm, tau) if scorer else None)
         while len(self.outbox) > OUTBOX_LIMIT:  # nobody collects: keep memory bounded
             self.outbox.popitem(last=False)
