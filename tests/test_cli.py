@@ -5,6 +5,7 @@ through `cli.main`, one per engine test, on the default SmolLM2 model."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -16,10 +17,10 @@ import pytest
 import telltale_norm
 from conftest import vllm_engine
 from telltale_norm import cli
+from telltale_norm.config import SETTINGS
+from telltale_norm.demo import DEMO_METHODS
 from telltale_norm.plot import figure_size_px
 from telltale_norm.traces import ACTION_INJECT, ACTION_RERUN, ACTION_SUPPRESS, RequestTrace
-
-DEMO_METHODS = ("off", "monitor", "suppress", "loop", "ttts", "rerank")
 
 
 def png_size(path) -> tuple[int, int]:
@@ -159,9 +160,13 @@ def test_calibrate_prints_the_tau_an_engine_reads_from_its_file(default_model, t
         {"question": "A box holds 6 eggs. How many eggs are in 4 boxes?"},
     ]) + "\n")
     stats = tmp_path / "stats.json"
+    names = [s.env for s in SETTINGS] + ["VLLM_LOGGING_LEVEL"]
+    before = {name: os.environ.get(name) for name in names}
     assert cli.main(["calibrate", "--model", str(default_model), "--prompts", str(prompts),
                      "--max-tokens", "16", "--layers", "23,24", "--q", "0.9",
                      "--out", str(stats)]) == 0
+    # the engine's settings do not leak into the caller's environment
+    assert {name: os.environ.get(name) for name in names} == before
     out = capsys.readouterr().out
     layers = re.search(r"^PATCHED_LAYERS=(\S+)$", out, re.M).group(1)
     printed = json.loads(re.search(r"^PATCHED_TAU_JSON='(.*)'$", out, re.M).group(1))
@@ -199,9 +204,8 @@ def test_demo_quick_runs_every_method_and_writes_its_files(default_model, tmp_pa
     results = json.loads((out_dir / "results.json").read_text())
     rows = {row["method"]: row for row in results["methods"]}
     assert tuple(rows) == DEMO_METHODS and results["patched_layers"] == list(range(23, 29))
-    # monitor observes without changing anything; suppress at the p90 tau does act
-    assert [a["text"] for a in rows["off"]["answers"]] == \
-        [a["text"] for a in rows["monitor"]["answers"]]
+    # monitor only observes; suppress at the p90 tau of the monitor run does act. (Answers
+    # of off and monitor are not compared: bf16 on CPU depends on how requests batch.)
     assert rows["off"]["interventions"] == rows["monitor"]["interventions"] == 0
     assert rows["suppress"]["interventions"] > 0
     for row in rows.values():
@@ -210,8 +214,13 @@ def test_demo_quick_runs_every_method_and_writes_its_files(default_model, tmp_pa
 
     assert png_size(out_dir / "norm_trace.png") == figure_size_px(6)
     traces = json.loads((out_dir / "traces.json").read_text())["traces"]
-    assert {(t["request_id"], t["method"]) for t in traces} >= {
-        (f"problem-{i}", m) for i in range(3) for m in ("monitor", "suppress")}
+    traced = {(t["request_id"], t["method"]) for t in traces}
+    assert traced >= {(f"problem-{i}", m) for i in range(3) for m in ("monitor", "suppress")}
+    assert not any(method == "off" for _, method in traced)  # off is plain vLLM: no trace
+    # the traces mark exactly the suppressions the statistics counted
+    marked = sum(bit & 1 for t in traces if t["method"] == "suppress"
+                 for row in t["action"] for bit in row)
+    assert marked == rows["suppress"]["interventions"]
     # the demo's traces feed `plot`
     png = tmp_path / "p1.png"
     assert cli.main(["plot", str(out_dir / "traces.json"), "--request", "problem-1",

@@ -23,9 +23,9 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from telltale_norm.config import ConfigError, TelltaleConfig
+from telltale_norm.config import SETTINGS_BY_FIELD, ConfigError, TelltaleConfig
 from telltale_norm.demo import (DEMO_METHODS, FULL_SIZE, GPU_MEMORY_UTILIZATION, QUICK_SIZE,
                                 UserError)
 
@@ -65,11 +65,14 @@ def _positive_int(text: str) -> int:
 
 
 def _layer_list(text: str) -> list[int]:
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not parts or not all(part.isdigit() for part in parts):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated 0-based layer indices such as 21,22,23, got {text!r}")
-    return [int(part) for part in parts]
+    # PATCHED_LAYERS' own parser: the flag follows the same rules as the variable
+    try:
+        layers = SETTINGS_BY_FIELD["layers"].parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    if layers is None:
+        raise argparse.ArgumentTypeError("expected layer indices such as 21,22,23")
+    return list(layers)
 
 
 def _wrap(text: str) -> str:

@@ -37,27 +37,6 @@ INTERVENTION_COUNTERS = ("suppressed", "reruns", "injections")
 INSTRUCTION = ("\nSolve it step by step, then give the final answer on its own line as "
                "'#### <number>'.")
 PLOT_PROBLEM = 0  # the problem whose traces the demo's PNG shows
-
-# Used only while `telltale_norm.tasks` is not installed; GSM8K format.
-FALLBACK_PROBLEMS = [
-    ("Mia has 12 pencils. She buys 3 packs with 4 pencils in each pack. How many pencils "
-     "does she have now?", "She buys 3 * 4 = 12 pencils.\nShe has 12 + 12 = 24 pencils.\n#### 24"),
-    ("A baker makes 45 rolls and sells 18 of them. He then bakes 10 more. How many rolls "
-     "does he have?", "After selling he has 45 - 18 = 27 rolls.\n27 + 10 = 37.\n#### 37"),
-    ("Tom reads 15 pages a day for 6 days. How many pages does he read?",
-     "15 * 6 = 90.\n#### 90"),
-    ("A box holds 8 eggs. How many boxes are needed for 56 eggs?", "56 / 8 = 7.\n#### 7"),
-    ("Sara earns 9 dollars an hour and works 7 hours. She spends 20 dollars. How many "
-     "dollars does she have left?", "She earns 9 * 7 = 63 dollars.\n63 - 20 = 43.\n#### 43"),
-    ("There are 4 rows of 11 chairs and 6 more chairs at the back. How many chairs are there?",
-     "4 * 11 = 44 chairs in rows.\n44 + 6 = 50.\n#### 50"),
-    ("Leo had 100 stickers. He gave 25 to his sister and 30 to a friend. How many stickers "
-     "does Leo have?", "100 - 25 = 75.\n75 - 30 = 45.\n#### 45"),
-    ("A train travels 60 km each hour for 3 hours and then 45 km. How far does it travel?",
-     "60 * 3 = 180 km.\n180 + 45 = 225 km.\n#### 225"),
-]
-
-
 GPU_MEMORY_UTILIZATION = 0.2  # on CPU: the share of RAM vLLM takes for weights and KV cache
 
 
@@ -73,7 +52,7 @@ class Problem:
     question: str
     solution: str  # the full worked solution, ending in "#### N"
     expected: float
-    level: int | None = None
+    level: int
 
 
 def expected_answer(solution: str) -> float:
@@ -102,17 +81,11 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
 
 
 def load_problems(n: int, seed: int = 0) -> tuple[list[Problem], str]:
-    """`n` bundled word problems, and a line saying where they came from."""
-    try:
-        from telltale_norm.tasks.word_problems import generate
-    except ImportError:
-        items = FALLBACK_PROBLEMS[:n]
-        source = (f"{len(items)} fixed fallback problems from telltale_norm.demo "
-                  "(telltale_norm.tasks is not installed yet)")
-        return [Problem(q, s, expected_answer(s)) for q, s in items], source
-    items = generate(n, seed=seed)
-    problems = [Problem(d["question"], d["answer"], expected_answer(d["answer"]), d.get("level"))
-                for d in items]
+    """`n` bundled word problems, and a line saying what they are."""
+    from telltale_norm.tasks.word_problems import generate
+
+    problems = [Problem(d["question"], d["answer"], expected_answer(d["answer"]), d["level"])
+                for d in generate(n, seed=seed)]
     return problems, f"{len(problems)} generated word problems (telltale_norm.tasks, seed {seed})"
 
 
