@@ -42,8 +42,9 @@ GROWS = {2: "doubles", 3: "triples", 4: "quadruples"}
 class Theme:
     """One story: how it starts, a sentence per operation, the question, the unit.
 
-    Sentences are format strings over {name} {he} {his} {He} {His} {k} {times} {grows};
-    an operation without sentences is never drawn for this theme.
+    Sentences are format strings over {name} {he} {him} {his} {He} {His}, the start amount
+    {a} and the operand {k} ({times}, {grows}: its word for * ); an operation without
+    sentences is never drawn for this theme.
     """
 
     name: str
@@ -71,7 +72,8 @@ THEMES = (
     Theme("train", "passengers",
           ("A train leaves the first station with {a} passengers.",
            "There are {a} passengers on a train."),
-          {"+": ("At the next stop {k} passengers get on.", "Then {k} more people board the train."),
+          {"+": ("At the next stop {k} passengers get on.",
+                 "Then {k} more people board the train."),
            "-": ("At the next stop {k} passengers get off.", "Then {k} people leave the train."),
            "*": ("At the busy central station the number of passengers {grows}.",),
            "/": ()},
@@ -130,13 +132,7 @@ THEMES = (
           "How many eggs are there now?"),
 )
 
-# A line of the worked solution per operation: what was done, then the arithmetic.
-SOLUTION = {
-    "+": "{prev} + {k} = {new}",
-    "-": "{prev} - {k} = {new}",
-    "*": "{prev} * {k} = {new}",
-    "/": "{prev} / {k} = {new}",
-}
+# The worked solution names each step before its arithmetic: "Adding 5: 12 + 5 = 17."
 SOLUTION_VERB = {"+": "Adding {k}", "-": "Taking away {k}", "*": "Multiplying by {k}",
                  "/": "Dividing by {k}"}
 
@@ -203,8 +199,7 @@ def _problem(rng: random.Random, level: int) -> dict[str, Any]:
         new = apply_op(prev, op, k)
         sentences.append(rng.choice(theme.ops[op]).format(
             k=k, times=TIMES.get(k, ""), grows=GROWS.get(k, ""), **words))
-        lines.append(f"{SOLUTION_VERB[op].format(k=k)}: "
-                     f"{SOLUTION[op].format(prev=prev, k=k, new=new)}.")
+        lines.append(f"{SOLUTION_VERB[op].format(k=k)}: {prev} {op} {k} = {new}.")
         prev = new
     sentences.append(theme.question.format(**words))
     lines.append(f"The answer is {prev}.\n#### {prev}")

@@ -1,0 +1,40 @@
+"""ALRR (`loop`) inside an lm-eval evaluation, from Python.
+
+    python lm_eval_adapters/vllm_loop.py [MODEL_DIR] [LIMIT]
+
+Same as the README's command line (VLLM_PATCH=loop ... python -m lm_eval --model vllm ...),
+with the settings given to `telltale_norm.configure` instead of environment variables.
+Without a model directory it uses SmolLM2-135M-Instruct (`telltale_norm.models`).
+"""
+
+import sys
+
+import lm_eval
+from lm_eval.models.vllm_causallms import VLLM
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import make_table
+
+import telltale_norm
+from telltale_norm.models import default_model_dir
+from telltale_norm.tasks import task_dir
+
+
+def main() -> None:
+    model_dir = sys.argv[1] if len(sys.argv) > 1 else default_model_dir()
+    limit = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+
+    # Adaptive tau on the default late layers; a short warm-up so a small run gets past it.
+    telltale_norm.configure(method="loop", adaptive_warmup_steps=32, loop_max_extra=1)
+    lm = VLLM(pretrained=str(model_dir), dtype="bfloat16", max_model_len=1024,
+              gpu_memory_utilization=0.2, enforce_eager=True, batch_size="auto")
+    results = lm_eval.simple_evaluate(model=lm, tasks=["telltale_wordproblems_easy"],
+                                      task_manager=TaskManager(include_path=str(task_dir())),
+                                      limit=limit)
+    print(make_table(results))
+    print({layer: entry["reruns"]
+           for layer, entry in telltale_norm.stats(lm.model)["per_layer"].items()})
+
+
+# vLLM starts its engine processes by spawning, which imports this file again.
+if __name__ == "__main__":
+    main()
