@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # Unit tests of the core only (seconds, no engine).
 test-fast: setup

@@ -22,10 +22,12 @@ TELLTALE_ENV = ("VLLM_PATCH", "VLLM_PLUGINS", "PATCHED_LAYERS", "PATCHED_TAU_JSO
 
 
 def pytest_collection_modifyitems(items):
-    # Tests that take an engine fixture are marked, so `-m "not engine"` runs the fast tier.
+    # Tests that take an engine or server fixture are marked, so `-m "not engine"` runs the
+    # fast tier.
     for item in items:
         names = getattr(item, "fixturenames", ())
-        if any(name == "llm" or name.startswith("llm_") or "engine" in name for name in names):
+        if any(name == "llm" or name.startswith("llm_") or "engine" in name
+               or name.endswith("_server") for name in names):
             item.add_marker(pytest.mark.engine)
 
 
@@ -100,3 +102,21 @@ PROMPTS = [
     "1, 2, 3, 4,",
     "Question: what is 17 + 25? Answer:",
 ]
+
+
+SERVER_ENV = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"}
+
+
+@pytest.fixture(scope="session")
+def monitor_server(tiny_model, tmp_path_factory):
+    """One `vllm serve` of the tiny Llama for the whole session (VLLM_PATCH=monitor on layers
+    1,2: it changes nothing by itself); tests pick methods per request with `vllm_xargs`."""
+    from processes import VllmServer
+
+    server = VllmServer(tiny_model("llama"), SERVER_ENV,
+                        tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

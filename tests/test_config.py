@@ -164,3 +164,25 @@ def test_vllm_version_range_is_checked(version, ok):
     else:
         with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x; this is vLLM"):
             check_vllm_version(version)
+
+
+def test_kv_cache_salt_separates_requests_whose_edits_differ():
+    from telltale_norm.vllm_adapter.frontend import kv_cache_salt
+
+    engine = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"})
+    fixed = {"telltale_tau_json": '{"1": 5, "2": 5}'}
+
+    def salt(extra, seed=None, request_id="r1"):
+        return kv_cache_salt(engine.with_request(extra), 4, seed, request_id)
+
+    # methods that edit nothing share the cache with plain requests
+    assert salt({}) is None and salt({"telltale_method": "rerank", **fixed}) is None
+    suppress = {"telltale_method": "suppress", **fixed}
+    assert salt(suppress) is not None
+    assert salt(suppress) == salt(suppress, request_id="r2")  # same edits: shared blocks
+    assert salt(suppress) != salt({**suppress, "telltale_mul_scale": 0.5})
+    assert salt(suppress, seed=1) != salt(suppress, seed=2)
+    assert salt({"telltale_method": "loop", **fixed}) != salt(suppress)
+    # an adaptive tau depends on all traffic so far: never shared
+    adaptive = {"telltale_method": "ttts"}
+    assert salt(adaptive) != salt(adaptive, request_id="r2")

@@ -207,8 +207,8 @@ METHOD_SETTINGS: dict[str, tuple[dict[str, str], dict[str, str], str]] = {
               "TTTS_P_INJECT": "1", "TTTS_COOLDOWN": "0", "TTTS_COS_MIN": "-1"},
              "injections"),
 }
-# Each method adds two lm-eval runs (engine starts); "loop" and "ttts" pass as well.
-METHODS = ["suppress"]
+# Each method adds two lm-eval runs (engine starts). rerank runs as `vllm_lrs` below.
+METHODS = ["suppress", "loop", "ttts"]
 
 
 @dataclass

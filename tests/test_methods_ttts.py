@@ -88,15 +88,15 @@ def test_vectorised_step_equals_per_token_loop(reqs, steps, rnd):
             banks[i], lows[i], cds[i], delta, injected, no_match = reference_step(
                 r["x"], r["res"], float(n[i]), r["tau"], r["eligible"], r["u"],
                 banks[i], lows[i], cds[i], cfg)
-            assert int(out.state.low_streak[i]) == lows[i]
-            assert int(out.state.cooldown[i]) == cds[i]
+            assert int(out.low_streak[i]) == lows[i]
+            assert int(out.cooldown[i]) == cds[i]
             assert bool(out.injected[i]) == injected and bool(out.no_match[i]) == no_match
             torch.testing.assert_close(out.delta[i], torch.tensor(delta), atol=1e-5, rtol=1e-5)
-            got = from_state(out.state, i)
+            got = from_state(out.next_state(state, x), i)
             assert [e[0] for e in got] == [e[0] for e in banks[i]]
             for (_, v), (_, w) in zip(got, banks[i]):
                 torch.testing.assert_close(torch.tensor(v), torch.tensor(w))
-        state = out.state
+        state = out.next_state(state, x)
 
 
 def test_injection_formula_and_cooldown():
@@ -110,7 +110,7 @@ def test_injection_formula_and_cooldown():
                     torch.tensor([0.9]), state, s)
     assert bool(out.injected[0])  # streak 1 >= low_k 1: injects the bank's own entry
     torch.testing.assert_close(out.delta, 0.5 * (high - res))
-    assert int(out.state.cooldown[0]) == 2
+    assert int(out.cooldown[0]) == 2
     out = ttts_step(x, res, torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([True]),
-                    torch.tensor([0.9]), out.state, s)
-    assert not bool(out.injected[0]) and int(out.state.cooldown[0]) == 1
+                    torch.tensor([0.9]), out.next_state(state, high), s)
+    assert not bool(out.injected[0]) and int(out.cooldown[0]) == 1

@@ -7,15 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +15,7 @@ import torch
 from vllm import SamplingParams
 
 import telltale_norm
-from conftest import PROMPTS, TELLTALE_ENV, greedy, token_ids, vllm_engine
+from conftest import PROMPTS, greedy, token_ids, vllm_engine
 from reference_decoder import ReferenceDecoder
 from telltale_norm import rerank
 
@@ -231,83 +223,11 @@ def test_a_finished_trace_survives_the_next_request(llm, reference):
 
 
 # ---------------------------------------------------------------- 3: over HTTP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url, body=None, timeout=120.0):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read() or b"null")
-
-
-def uses_server(item) -> bool:
-    return "server" in getattr(item, "fixturenames", ())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def server_process(request, tiny_model, tmp_path_factory):
-    """Start `vllm serve` (VLLM_PATCH=rerank) when the module begins, if any selected test
-    needs it, so its slow start overlaps the offline tests. Yields (process, url, model,
-    log path) or None; stops the whole process group at the end."""
-    if not any(uses_server(item) and item.module is request.module
-               for item in request.session.items):
-        yield None
-        return
-    model = str(tiny_model("llama"))
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k not in TELLTALE_ENV}
-    env.update(VLLM_PATCH="rerank", PATCHED_LAYERS="1,2", PATCHED_TAU_JSON=TAU_JSON,
-               HF_HUB_OFFLINE="1")
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", model,
-           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-           "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.2",
-           "--kv-cache-memory-bytes", str(128 * 2**20)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group
-    try:
-        yield proc, f"http://127.0.0.1:{port}", model, log
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def server(server_process):
-    """The server's (base URL, model name), once /health answers."""
-    proc, base, model, log = server_process
-    deadline = time.monotonic() + 600  # a loaded 2-core machine starts slowly
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {proc.returncode}:\n"
-                        + log.read_text()[-4000:])
-        try:
-            urllib.request.urlopen(base + "/health", timeout=5).close()
-            return base, model
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail("vllm serve not healthy after 600 s:\n" + log.read_text()[-4000:])
-        time.sleep(1)
-
-
-def complete(server, prompt, **extra):
-    base, model = server
-    body = {"model": model, "prompt": prompt, "n": N, "temperature": 0.8, "max_tokens": 12,
-            "seed": 7, "ignore_eos": True, "return_token_ids": True, **extra}
-    return http(base + "/v1/completions", body)
+def complete(server, prompt, xargs=None):
+    status, body = server.complete(prompt, {**RERANK, **(xargs or {})}, max_tokens=12, n=N,
+                                   temperature=0.8, seed=7)
+    assert status == 200, body
+    return body
 
 
 def check_response(resp, prompts, reference, metric="mean"):
@@ -334,20 +254,17 @@ def check_response(resp, prompts, reference, metric="mean"):
     assert resp["telltale"] == {"method": "rerank", "selected": selected}
 
 
-@pytest.mark.engine  # a real `vllm serve`
-def test_server_returns_scores_and_the_selection(server, reference):
-    resp = complete(server, PROMPTS[0])
+def test_server_returns_scores_and_the_selection(monitor_server, reference):
+    resp = complete(monitor_server, PROMPTS[0])
     check_response(resp, PROMPTS[:1], reference)
 
 
-@pytest.mark.engine  # a real `vllm serve`
-def test_server_two_prompts_and_a_per_request_metric(server, reference):
-    resp = complete(server, PROMPTS[1:3], vllm_xargs={"telltale_metric": "A"})
+def test_server_two_prompts_and_a_per_request_metric(monitor_server, reference):
+    resp = complete(monitor_server, PROMPTS[1:3], {"telltale_metric": "A"})
     check_response(resp, PROMPTS[1:3], reference, metric="A")
 
 
-@pytest.mark.engine  # a real `vllm serve`
-def test_server_leaves_other_methods_alone(server):
-    resp = complete(server, PROMPTS[0], vllm_xargs={"telltale_method": "monitor"})
+def test_server_leaves_other_methods_alone(monitor_server):
+    resp = complete(monitor_server, PROMPTS[0], {"telltale_method": "monitor"})
     assert len(resp["choices"]) == N and "telltale" not in resp
     assert not any("telltale_scores" in c or "telltale_selected" in c for c in resp["choices"])

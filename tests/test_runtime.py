@@ -51,15 +51,17 @@ def test_last_prompt_chunk_is_prefill_and_first_generated_token_is_decode():
     assert (hidden != 1).all()
 
 
-def test_recomputed_tokens_after_preemption_count_as_prefill():
+def test_recomputed_output_tokens_after_preemption_are_edited_again_but_not_counted():
     rt = make_runtime()
     run_step(rt, [("a", 6, 0, 6)], {"a": TAU0})
     for pos in range(6, 10):
         run_step(rt, [("a", 1, pos, 6)])
     assert int(rt.counters["suppressed"][1]) == 4
-    # preempted, then recomputed from scratch: positions 0..9 come back in one chunk
+    # preempted, then recomputed from scratch: positions 0..9 come back in one chunk; the
+    # prompt (0..5) stays untouched, the four output tokens get their edits again
     hidden = run_step(rt, [("a", 10, 0, 6)])
-    assert not (hidden != 1).any()
+    assert (hidden[:6] == 1).all() and (hidden[6:] != 1).all()
+    assert int(rt.counters["suppressed"][1]) == 4 and int(rt.counters["tokens"][1]) == 4
     hidden = run_step(rt, [("a", 1, 10, 6)])
     assert (hidden != 1).all()
     assert int(rt.counters["suppressed"][1]) == 5

@@ -399,17 +399,23 @@ class TelltaleConfig:
 def check_request(request: TelltaleConfig, engine: TelltaleConfig, num_layers: int) -> None:
     """Raise ConfigError if a request's settings cannot run on this engine.
 
-    ttts banks are preallocated for the engine's patched layers and its TTTS_BANK_K.
+    ttts banks and trace buffers (traced and rerank requests) are preallocated for the
+    engine's patched layers; banks also for its TTTS_BANK_K.
     """
     layers = request.patched_layers(num_layers, source="telltale_layers")
-    if request.method != "ttts":
+    buffers = ("ttts banks" if request.method == "ttts" else
+               "traces" if request.method == "rerank" or (request.trace
+                                                          and request.method != "off") else None)
+    if buffers is None:
         return
     engine_layers = engine.patched_layers(num_layers)
     outside = sorted(set(layers) - set(engine_layers))
     if outside:
         raise ConfigError(
-            f"telltale_layers={','.join(map(str, layers))}: ttts banks exist only for the "
+            f"telltale_layers={','.join(map(str, layers))}: {buffers} exist only for the "
             f"server's PATCHED_LAYERS; allowed: a subset of {list(engine_layers)}")
+    if request.method != "ttts":
+        return
     if request.ttts_bank_k > engine.ttts_bank_k:
         raise ConfigError(
             f"telltale_bank_k={request.ttts_bank_k}: banks are preallocated; allowed: "

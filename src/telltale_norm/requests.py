@@ -90,6 +90,7 @@ class RequestStates:
         self.high_water = np.zeros(0, dtype=np.int64)
         self.prompt_len = np.zeros(0, dtype=np.int64)
         self.traced = np.zeros(0, dtype=bool)
+        self.random_suppress = np.zeros(0, dtype=bool)  # suppress in random mode: draws
         self.register_buffer("params", (len(PARAM_COLUMNS),), torch.float32)
         self.register_buffer("tau", (num_layers,), torch.float32, math.nan)
         self.register_buffer("layers", (num_layers,), torch.bool)
@@ -127,6 +128,8 @@ class RequestStates:
             [self.high_water, np.full(capacity - old, -1, dtype=np.int64)])
         self.prompt_len = np.concatenate([self.prompt_len, np.zeros(capacity - old, np.int64)])
         self.traced = np.concatenate([self.traced, np.zeros(capacity - old, dtype=bool)])
+        self.random_suppress = np.concatenate(
+            [self.random_suppress, np.zeros(capacity - old, dtype=bool)])
         self._free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
 
@@ -162,6 +165,8 @@ class RequestStates:
         self.high_water[slot] = -1
         self.prompt_len[slot] = prompt_len
         self.traced[slot] = row.trace and row.method != METHOD_ID["off"]
+        self.random_suppress[slot] = (row.method == METHOD_ID["suppress"]
+                                      and row.params[COL["suppress_random"]] > 0)
         return slot
 
     def release(self, req_id: str) -> int | None:
@@ -172,5 +177,6 @@ class RequestStates:
             self.layers_host[slot] = False
             self.adaptive_host[slot] = False
             self.traced[slot] = False
+            self.random_suppress[slot] = False
             self._free.append(slot)
         return slot

@@ -33,6 +33,7 @@ logger = logging.getLogger("vllm.telltale_norm")
 
 OFF, SUPPRESS = METHOD_ID["off"], METHOD_ID["suppress"]
 LOOP, TTTS, RERANK = METHOD_ID["loop"], METHOD_ID["ttts"], METHOD_ID["rerank"]
+ACTING = frozenset({SUPPRESS, LOOP, TTTS})  # methods that edit hidden states
 
 # Per-layer counters kept on the device and read only when statistics are asked for.
 COUNTERS = (
@@ -61,10 +62,15 @@ class StepBatch:
     token_slot: torch.Tensor  # int64 [T]
     trace_row: torch.Tensor | None  # int64 [T]: row in the trace buffers (None: no tracing)
     decode: torch.Tensor  # bool [T]
+    replay: torch.Tensor | None  # bool [T]: output tokens recomputed after a preemption
     position: torch.Tensor  # int64 [T]
+    params: torch.Tensor  # float64 [T, PARAM_COLUMNS]: each token's request settings
+    method: torch.Tensor  # int64 [T]
+    layer_mask: torch.Tensor  # bool [T, num_layers]: the token's request acts on the layer
     active_layers: np.ndarray  # bool [num_layers], host
     adaptive_layers: np.ndarray  # bool [num_layers]: some request needs the adaptive tau
     methods: frozenset[int]  # methods of the step's requests, host
+    suppress_draws: bool  # some request suppresses in random mode (needs draws), host
     ttts_tokens: torch.Tensor | None  # int64: decode tokens of ttts requests (one each)
     ttts_slots: torch.Tensor | None  # int64: their slots
 
@@ -135,8 +141,10 @@ class TelltaleRuntime:
         """Map a step's flattened tokens to requests. Arrays are per request, in batch order.
 
         A token is a decode token when its position is at or past the request's prompt length
-        and past every position this request had before: tokens recomputed after a
-        preemption count as prefill, as they did the first time round.
+        and past every position this request had computed before. Output tokens recomputed
+        after a preemption are *replay* tokens: the stateless edits (suppress, loop) are
+        applied to them again, as when they were decoded, so the KV cache gets the same keys
+        and values, but they are not observed or counted a second time.
         """
         states = self.states
         slots = np.fromiter(
@@ -148,9 +156,9 @@ class TelltaleRuntime:
         tok_req = np.repeat(np.arange(len(req_ids)), num_scheduled)
         first_tok = np.cumsum(num_scheduled) - num_scheduled
         position = num_computed[tok_req] + np.arange(num_tokens) - first_tok[tok_req]
-        decode_from = np.maximum(np.asarray(num_prompt, dtype=np.int64),
-                                 states.high_water[slots] + 1)
-        decode = position >= decode_from[tok_req]
+        output = position >= np.asarray(num_prompt, dtype=np.int64)[tok_req]
+        fresh = position > states.high_water[slots][tok_req]
+        decode, replay = output & fresh, output & ~fresh
         states.high_water[slots] = np.maximum(states.high_water[slots],
                                               num_computed + num_scheduled - 1)
 
@@ -163,6 +171,8 @@ class TelltaleRuntime:
             self.step = None
             return
         to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        token_slot = to_dev(slots[tok_req])
+        method = states.buffer("method")[token_slot]
         traced = states.traced[slots][tok_req]
         trace_row = None
         if traced.any():
@@ -171,13 +181,18 @@ class TelltaleRuntime:
         ttts_tokens = np.flatnonzero(decode & (methods[tok_req] == TTTS))
         self.step = StepBatch(
             num_tokens=num_tokens,
-            token_slot=to_dev(slots[tok_req]),
+            token_slot=token_slot,
             trace_row=trace_row,
             decode=to_dev(decode),
+            replay=to_dev(replay) if replay.any() else None,
             position=to_dev(position),
+            params=states.buffer("params")[token_slot],
+            method=method,
+            layer_mask=states.buffer("layers")[token_slot] & (method != OFF).unsqueeze(1),
             active_layers=active_layers,
             adaptive_layers=states.adaptive_host[slots].any(axis=0),
             methods=frozenset(int(m) for m in np.unique(methods) if m != OFF),
+            suppress_draws=bool(states.random_suppress[slots].any()),
             ttts_tokens=to_dev(ttts_tokens) if len(ttts_tokens) else None,
             ttts_slots=to_dev(slots[tok_req][ttts_tokens]) if len(ttts_tokens) else None,
         )
@@ -196,31 +211,37 @@ class TelltaleRuntime:
         t = step.num_tokens  # the forward may be padded past the scheduled tokens
         h = hidden[:t]
         r = None if residual is None else residual[:t]
-        slot = step.token_slot
-        params = self.states.buffer("params")[slot]
-        method = self.states.buffer("method")[slot]
-        in_layer = self.states.buffer("layers")[slot, layer] & (method != OFF)
+        slot, params, method = step.token_slot, step.params, step.method
+        in_layer = step.layer_mask[:, layer]
         observe = in_layer & step.decode
 
         norms = token_norms(h, r)
         self.quantiles.update(layer, norms, observe)
         self.counters["tokens"][layer] += observe.sum()
+        if not step.methods & ACTING and step.trace_row is None:
+            return  # monitor, and rerank's untraced neighbours: observing is all; no tau
         tau, ready = self._tau(layer, slot, params, step.adaptive_layers[layer])
         action = torch.zeros_like(slot, dtype=torch.uint8)  # ACTION_* bits per token
 
+        edit = step.decode if step.replay is None else step.decode | step.replay
         if LOOP in step.methods and rerun is not None and residual is not None:
-            eligible = in_layer & (method == LOOP) & ready & step.decode
+            eligible = in_layer & (method == LOOP) & ready & edit
             action |= self._loop(layer, hidden, residual, norms, tau, eligible, params, rerun)
         if step.ttts_tokens is not None and layer in self.banks.column:
             injected = self._ttts(layer, h, r, norms, tau, in_layer & ready, params, step)
             action[step.ttts_tokens] |= injected.to(torch.uint8) * ACTION_INJECT
         if SUPPRESS in step.methods:
             only_decode = params[:, COL["suppress_only_decode"]] > 0
-            eligible = in_layer & (method == SUPPRESS) & ready & (step.decode | ~only_decode)
+            eligible = in_layer & (method == SUPPRESS) & ready & (edit | ~only_decode)
             action |= self._suppress(layer, h, r, norms, tau, eligible, params, step)
 
         if step.trace_row is not None:
-            self.traces.record(layer, slot, step.trace_row, norms, tau, action)
+            self.traces.record(layer, slot, step.trace_row, in_layer, norms, tau, action)
+
+    def _count(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of per-token values over the step, replay tokens left out (counted before)."""
+        replay = self.step.replay
+        return values.sum() if replay is None else torch.where(replay, 0, values).sum()
 
     def _loop(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
               norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
@@ -233,12 +254,12 @@ class TelltaleRuntime:
             blowup=params[:, COL["loop_blowup"]], alpha=params[:, COL["loop_alpha"]],
             rerun=rerun)
         counters = self.counters
-        counters["reruns"][layer] += result.runs.sum()
-        counters["rerun_tokens"][layer] += result.entered.sum()
-        counters["rerun_taken"][layer] += result.taken.sum()
-        counters["rerun_stopped_tau"][layer] += result.stopped_tau.sum()
-        counters["rerun_stopped_growth"][layer] += result.stopped_growth.sum()
-        counters["rerun_stopped_blowup"][layer] += result.stopped_blowup.sum()
+        counters["reruns"][layer] += self._count(result.runs)
+        counters["rerun_tokens"][layer] += self._count(result.entered)
+        counters["rerun_taken"][layer] += self._count(result.taken)
+        counters["rerun_stopped_tau"][layer] += self._count(result.stopped_tau)
+        counters["rerun_stopped_growth"][layer] += self._count(result.stopped_growth)
+        counters["rerun_stopped_blowup"][layer] += self._count(result.stopped_blowup)
         counters["rerun_layer_passes"][layer] += result.layer_passes
         return (result.taken > 0).to(torch.uint8) * ACTION_RERUN
 
@@ -246,8 +267,9 @@ class TelltaleRuntime:
                   norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
                   params: torch.Tensor, step: StepBatch) -> torch.Tensor:
         """suppress on the step's tokens; returns ACTION_SUPPRESS bits per token."""
-        draws = rng.uniform(self.states.buffer("seed")[step.token_slot], rng.STREAM_SUPPRESS,
-                            layer, step.position)
+        draws = (rng.uniform(self.states.buffer("seed")[step.token_slot], rng.STREAM_SUPPRESS,
+                             layer, step.position)
+                 if step.suppress_draws else torch.ones_like(norms))  # unused without them
         factor, chosen = suppress_factors(
             norms, tau, eligible,
             random_mode=params[:, COL["suppress_random"]] > 0, draws=draws,
@@ -256,7 +278,7 @@ class TelltaleRuntime:
             mul_scale=params[:, COL["suppress_mul_scale"]],
             clamp_div=params[:, COL["suppress_clamp_div"]])
         scale_residual_stream_(h, r, factor)
-        self.counters["suppressed"][layer] += chosen.sum()
+        self.counters["suppressed"][layer] += self._count(chosen)
         return chosen.to(torch.uint8) * ACTION_SUPPRESS
 
     def _ttts(self, layer: int, h: torch.Tensor, r: torch.Tensor | None, norms: torch.Tensor,
@@ -272,13 +294,13 @@ class TelltaleRuntime:
                             step.position[idx])
         out = ttts_step(x, res, norms[idx], tau[idx], eligible[idx], draws,
                         self.banks.read(slots, layer, x.shape[1]), settings)
-        self.banks.write(slots, layer, out.state, out.inserted_at, x)
+        self.banks.write(slots, layer, out, x)
         h[idx] = (h[idx].float() + out.delta).to(h.dtype)
         counters = self.counters
         counters["injections"][layer] += out.injected.sum()
         counters["inject_no_match"][layer] += out.no_match.sum()
         counters["max_low_streak"][layer] = torch.maximum(
-            counters["max_low_streak"][layer], out.state.low_streak.max().double())
+            counters["max_low_streak"][layer], out.low_streak.max().double())
         return out.injected
 
     def _tau(self, layer: int, slot: torch.Tensor, params: torch.Tensor,

@@ -84,26 +84,31 @@ class TraceRecorder:
         keep = traced & decode & (decode_step >= 0) & (decode_step < self.max_len)
         return np.where(keep, decode_step, self.max_len)
 
-    def record(self, layer: int, slot: torch.Tensor, row: torch.Tensor, norms: torch.Tensor,
-               tau: torch.Tensor, action: torch.Tensor) -> None:
+    def record(self, layer: int, slot: torch.Tensor, row: torch.Tensor, keep: torch.Tensor,
+               norms: torch.Tensor, tau: torch.Tensor, action: torch.Tensor) -> None:
+        """Write one layer's values of the step; tokens not in `keep` (their request is not
+        patched on this layer) go to the spare row, so a trace never depends on neighbours."""
         column = self.column.get(layer)
         if column is None:
             return
         norm_buf, tau_buf, action_buf = self._buffers()
+        row = torch.where(keep, row, self.max_len)
         norm_buf[slot, row, column] = norms
         tau_buf[slot, row, column] = tau.float()
         action_buf[slot, row, column] = action.to(torch.uint8)
 
     def finish(self, req_id: str, slot: int, num_steps: int,
                scorer: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None) -> None:
-        """Move a finished request's first `num_steps` rows to the outbox, scored by
-        `scorer(norm, tau)` when given (one device-to-host copy per request)."""
+        """Move a finished request's first `num_steps` rows, on its own layers, to the
+        outbox, scored by `scorer(norm, tau)` when given (one device-to-host copy)."""
         norm_buf, tau_buf, action_buf = self._buffers()
         n = max(0, min(num_steps, self.max_len))
+        own = [i for i, layer in enumerate(self.layers) if self.states.layers_host[slot, layer]]
         # Copies: on the CPU `.cpu()` would return a view of the slot, reused by the next request.
-        norm, tau, action = (buf[slot, :n].to("cpu", copy=True).numpy()
+        norm, tau, action = (buf[slot, :n][:, own].to("cpu", copy=True).numpy()
                              for buf in (norm_buf, tau_buf, action_buf))
-        self.outbox[req_id] = RequestTrace(req_id, self.layers, norm, tau, action,
+        layers = tuple(self.layers[i] for i in own)
+        self.outbox[req_id] = RequestTrace(req_id, layers, norm, tau, action,
                                            scores=scorer(norm, tau) if scorer else None)
         while len(self.outbox) > OUTBOX_LIMIT:  # nobody collects: keep memory bounded
             self.outbox.popitem(last=False)

@@ -9,7 +9,9 @@ telltale-norm does happens through the `vllm.general_plugins` entry point and th
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import time
 
 PROMPTS = [
     "The capital of France is",
@@ -17,6 +19,10 @@ PROMPTS = [
     "1, 2, 3, 4,",
     "Question: what is 17 + 25? Answer:",
 ]
+
+
+def clock(label: str) -> None:
+    print(f"{label} {time.monotonic():.3f} {time.process_time():.3f}", flush=True)
 
 
 def main() -> None:
@@ -28,6 +34,10 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
+    # For tests that time how fast a bad setting stops the engine (imports excluded): the
+    # wall clock and this process's CPU time at `LLM(...)` and at exit (also after an error).
+    clock("ENGINE_START")
+    atexit.register(clock, "EXIT")
     llm = LLM(model=args.model, enforce_eager=True, dtype="float32", max_model_len=512,
               gpu_memory_utilization=0.2, seed=0, max_num_seqs=32)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)

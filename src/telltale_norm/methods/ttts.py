@@ -12,6 +12,7 @@ requests, every rule is a tensor operation, and the new state is returned, not m
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,11 +47,28 @@ class TttsSettings:
 
 @dataclass(frozen=True)
 class TttsOutcome:
-    state: BankState
+    """What one step changes. The bank itself only changes where `inserted_at >= 0` (x is
+    written there), so it is not copied: `next_state` builds the full new state."""
+
+    bank_norm: torch.Tensor  # [R, K]
+    low_streak: torch.Tensor  # [R]
+    cooldown: torch.Tensor  # [R]
     inserted_at: torch.Tensor  # [R] bank entry that took x, or -1
     delta: torch.Tensor  # [R, H] to add to hidden (zero rows where nothing is injected)
     injected: torch.Tensor  # [R] bool
     no_match: torch.Tensor  # [R] bool: triggered, but no bank state reached COS_MIN
+
+    def next_state(self, before: BankState, x: torch.Tensor) -> BankState:
+        """The state after this step, given the one before and the step's states `x`."""
+        bank = before.bank.clone()
+        rows = torch.nonzero(self.inserted_at >= 0).squeeze(1)
+        bank[rows, self.inserted_at[rows]] = x[rows].to(bank.dtype)
+        return BankState(bank, self.bank_norm, self.low_streak, self.cooldown)
+
+
+@functools.lru_cache(maxsize=8)
+def _entries(k: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(k, device=device)
 
 
 def ttts_step(x: torch.Tensor, residual: torch.Tensor, norms: torch.Tensor,
@@ -58,44 +76,48 @@ def ttts_step(x: torch.Tensor, residual: torch.Tensor, norms: torch.Tensor,
               state: BankState, s: TttsSettings) -> TttsOutcome:
     """One step of ERSS for R requests (`x`, `residual`: `[R, H]` float32; rest `[R]`).
 
-    Rows that are not `eligible` keep their state and get no injection.
+    Rows that are not `eligible` keep their state and get no injection. `norms` are the
+    norms of `x`. The bank is read once (dot products) and never copied.
     """
     k = state.bank_norm.shape[1]
-    in_use = torch.arange(k, device=x.device) < s.bank_k.unsqueeze(1)  # [R, K]
-    cooldown = (state.cooldown - 1).clamp_min(0)
+    entries = _entries(k, x.device)
+    in_use = entries < s.bank_k.unsqueeze(1)  # [R, K]
 
     # Bank insert: replace the lowest-norm entry (empty ones are -inf) if x is higher.
     lowest, where = torch.where(in_use, state.bank_norm,
                                 torch.full_like(state.bank_norm, torch.inf)).min(dim=1)
     insert = eligible & (norms > tau) & (norms > lowest)
-    hit = insert.unsqueeze(1) & (torch.arange(k, device=x.device) == where.unsqueeze(1))
-    bank = torch.where(hit.unsqueeze(-1), x.unsqueeze(1).to(state.bank.dtype), state.bank)
+    hit = insert.unsqueeze(1) & (entries == where.unsqueeze(1))  # [R, K]
     bank_norm = torch.where(hit, norms.unsqueeze(1), state.bank_norm)
 
     low_streak = torch.where(norms < s.gamma * tau, state.low_streak + 1,
                              torch.zeros_like(state.low_streak))
-
+    cooldown = (state.cooldown - 1).clamp_min(0)
     trigger = eligible & (low_streak >= s.low_k) & (cooldown == 0) & (draws < s.p_inject)
-    valid = in_use & torch.isfinite(bank_norm)
-    cos = torch.nn.functional.cosine_similarity(bank.float(), x.unsqueeze(1), dim=-1)
-    cos = torch.where(valid, cos, torch.full_like(cos, -torch.inf))
+
+    # Cosine with every entry of the bank after the insert (the inserted entry is x itself);
+    # an entry's norm is its bank norm, the norm of the state when it was banked.
+    bank = state.bank.float()
+    n = norms.unsqueeze(1)  # [R, 1]
+    dots = torch.where(hit, n.square(), torch.bmm(bank, x.unsqueeze(2)).squeeze(2))
+    cos = dots / (bank_norm * n).clamp_min(1e-8)
+    cos = torch.where(in_use & torch.isfinite(bank_norm), cos, torch.full_like(cos, -torch.inf))
     best_cos, best = cos.max(dim=1)
     injected = trigger & (best_cos >= s.cos_min)
-    chosen = bank.float().gather(1, best.view(-1, 1, 1).expand(-1, 1, x.shape[1])).squeeze(1)
+    chosen = bank.gather(1, best.view(-1, 1, 1).expand(-1, 1, x.shape[1])).squeeze(1)
+    chosen = torch.where((insert & (best == where)).unsqueeze(1), x, chosen)
     delta = torch.where(injected.unsqueeze(1), s.beta.unsqueeze(1) * (chosen - residual),
                         torch.zeros_like(x))
 
     low_streak = torch.where(injected, torch.zeros_like(low_streak), low_streak)
     cooldown = torch.where(injected, s.cooldown.to(cooldown.dtype), cooldown)
     keep = ~eligible
-    new = BankState(
-        bank=torch.where(keep.view(-1, 1, 1), state.bank, bank),
+    return TttsOutcome(
         bank_norm=torch.where(keep.unsqueeze(1), state.bank_norm, bank_norm),
         low_streak=torch.where(keep, state.low_streak, low_streak),
         cooldown=torch.where(keep, state.cooldown, cooldown),
-    )
-    inserted_at = torch.where(insert, where, torch.full_like(where, -1))
-    return TttsOutcome(new, inserted_at, delta, injected, trigger & ~injected)
+        inserted_at=torch.where(insert, where, torch.full_like(where, -1)),
+        delta=delta, injected=injected, no_match=trigger & ~injected)
 
 
 TTTS_PARAMS = ("low_k", "gamma", "p_inject", "beta", "cooldown", "bank_k", "cos_min")
@@ -129,18 +151,23 @@ class Banks:
     def read(self, slots: torch.Tensor, layer: int, hidden_size: int) -> BankState:
         bank, norm, streak, cooldown = self._buffers(hidden_size)
         c = self.column[layer]
-        return BankState(bank[slots, c, :self.k], norm[slots, c, :self.k], streak[slots, c],
-                         cooldown[slots, c])
+        # index_select on the leading dim copies whole contiguous entries: far cheaper than
+        # advanced indexing over (slot, layer, entry).
+        return BankState(bank[:, c].index_select(0, slots)[:, :self.k],
+                         norm[:, c].index_select(0, slots)[:, :self.k],
+                         streak[:, c].index_select(0, slots),
+                         cooldown[:, c].index_select(0, slots))
 
-    def write(self, slots: torch.Tensor, layer: int, state: BankState,
-              inserted_at: torch.Tensor, x: torch.Tensor) -> None:
+    def write(self, slots: torch.Tensor, layer: int, out: TttsOutcome,
+              x: torch.Tensor) -> None:
         bank, norm, streak, cooldown = self._buffers(x.shape[1])
         c = self.column[layer]
-        rows = torch.where(inserted_at >= 0, inserted_at, torch.full_like(inserted_at, self.k))
+        at = out.inserted_at
+        rows = torch.where(at >= 0, at, torch.full_like(at, self.k))
         bank[slots, c, rows] = x  # only the inserted entry changes (or the spare one)
-        norm[slots, c, :self.k] = state.bank_norm
-        streak[slots, c] = state.low_streak
-        cooldown[slots, c] = state.cooldown
+        norm[slots, c, :self.k] = out.bank_norm
+        streak[slots, c] = out.low_streak
+        cooldown[slots, c] = out.cooldown
 
     def live(self, method_id: int) -> int:
         """Banks of live ttts requests (one per patched layer each)."""

@@ -5,12 +5,15 @@
   CUDA, keep our op outside CUDA graphs; select the V1 model runner.
 - `InputProcessor._validate_params`: reject a request with bad `telltale_*` settings with a
   400-class error for that request alone, before it reaches a worker.
+- `InputProcessor.process_inputs`: give requests whose method edits hidden states their own
+  prefix-cache salt, so their edited KV blocks are never reused by other settings.
 - `LLM.generate`: append the statistics to a `.jsonl` stats file every
   `VLLM_PATCH_DUMP_EVERY` calls.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,9 +34,10 @@ class RequestSettingsError(VLLMValidationError, ValueError):
 
 
 def engine_config(vllm_config) -> TelltaleConfig:
-    """The settings an engine was created with (the environment if it carries none)."""
+    """The settings an engine was created with; inactive (method off) when it was created
+    without VLLM_PATCH, whatever the environment says now."""
     env = (vllm_config.additional_config or {}).get(CONFIG_KEY)
-    return TelltaleConfig.from_env(env)
+    return TelltaleConfig() if env is None else TelltaleConfig.from_env(env)
 
 
 def _num_layers(model_config) -> int:
@@ -97,8 +101,10 @@ def _validate_params(original):
         result = original(self, params, *args, **kwargs)
         extra_args = getattr(params, "extra_args", None)
         if extra_args and any(str(k).startswith(REQUEST_PREFIX) for k in extra_args):
+            engine = engine_config(self.vllm_config)
+            if not engine.active:  # an unpatched engine ignores telltale_* settings
+                return result
             try:
-                engine = engine_config(self.vllm_config)
                 check_request(engine.with_request(extra_args), engine,
                               _num_layers(self.model_config))
             except ConfigError as err:
@@ -106,6 +112,40 @@ def _validate_params(original):
         return result
 
     return validate_params
+
+
+# Methods whose edits reach the KV cache (later layers' keys and values, later tokens).
+EDITING_METHODS = frozenset({"suppress", "loop", "ttts"})
+
+
+def kv_cache_salt(config: TelltaleConfig, num_layers: int, seed: int | None,
+                  request_id: str) -> str | None:
+    """The prefix-cache salt of a request with these effective settings, None if it edits
+    nothing. vLLM keys cached blocks by token ids (and the salt) only; requests with equal
+    settings and seed make equal edits and may share blocks, except under an adaptive tau,
+    whose value depends on all traffic so far."""
+    if config.method not in EDITING_METHODS:
+        return None
+    layers = config.patched_layers(num_layers, source="telltale_layers")
+    history = request_id if set(layers) - set(config.fixed_tau()) else ""
+    key = json.dumps([config.to_env(), seed, history], sort_keys=True)
+    return "telltale-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _process_inputs(original):
+    def process_inputs(self, request_id, *args, **kwargs):
+        request = original(self, request_id, *args, **kwargs)
+        engine = engine_config(self.vllm_config)
+        params = request.sampling_params
+        if engine.active and params is not None:
+            salt = kv_cache_salt(engine.with_request(params.extra_args),
+                                 _num_layers(self.model_config), params.seed, request_id)
+            if salt is not None:
+                request.cache_salt = salt if request.cache_salt is None else (
+                    f"{request.cache_salt}|{salt}")
+        return request
+
+    return process_inputs
 
 
 def _generate(original):
@@ -127,6 +167,8 @@ def install() -> None:
         module.EngineArgs, "create_engine_config", _create_engine_config))
     on_import("vllm.v1.engine.input_processor", lambda module: patch_method(
         module.InputProcessor, "_validate_params", _validate_params))
+    on_import("vllm.v1.engine.input_processor", lambda module: patch_method(
+        module.InputProcessor, "process_inputs", _process_inputs))
     # VLLM_PATCH_DUMP_EVERY counts offline generate calls (lm-eval's included).
     on_import("vllm.entrypoints.llm", lambda module: patch_method(
         module.LLM, "generate", _generate))

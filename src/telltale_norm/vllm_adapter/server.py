@@ -40,8 +40,9 @@ def _create_completion(original):
         response = await original(self, request, raw_request)
         choices = getattr(response, "choices", None)
         xargs = request.vllm_xargs or {}
-        method = engine_config(self.engine_client.vllm_config).method
-        if "telltale_method" in xargs:
+        engine = engine_config(self.engine_client.vllm_config)
+        method = engine.method
+        if engine.active and "telltale_method" in xargs:
             method = normalize_method(xargs["telltale_method"])
         if method != "rerank" or not choices or getattr(response, "id", None) is None:
             return response
