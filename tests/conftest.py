@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -94,6 +95,54 @@ def greedy(max_tokens: int = 24, **extra):
 
 def token_ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def run_staggered(llm, requests, abort_after=None):
+    """Add requests at given engine steps, abort some once every candidate has produced a
+    given number of tokens, and step the engine to the end.
+
+    `requests`: (start_step, request_id, prompt, SamplingParams); `abort_after`: request_id
+    -> tokens. Returns the final RequestOutput of each finished request by id, and the ids
+    aborted while decoding.
+    """
+    engine = llm.llm_engine
+    pending = sorted(requests, key=lambda r: r[0])
+    abort_after = dict(abort_after or {})
+    done = {}
+    aborted = []
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, rid, prompt, params = pending.pop(0)
+            engine.add_request(rid, prompt, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+            elif min(len(c.token_ids) for c in out.outputs) >= abort_after.get(
+                    out.request_id, float("inf")):
+                # (an n > 1 request may report once per candidate in one step)
+                del abort_after[out.request_id]
+                engine.abort_request([out.request_id])
+                aborted.append(out.request_id)
+        step += 1
+    return done, aborted
+
+
+def wait_traces(llm, keys, timeout=60.0):
+    """Traces of finished requests by (request_id, index); finish notices arrive one engine
+    step after the caller sees the output, so poll."""
+    import telltale_norm
+
+    found = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        for trace in telltale_norm.traces(llm):
+            found[(trace.request_id, trace.index)] = trace
+        missing = [key for key in keys if key not in found]
+        if not missing:
+            return found
+        assert time.monotonic() < deadline, f"no trace for {missing}"
+        time.sleep(0.05)
 
 
 PROMPTS = [

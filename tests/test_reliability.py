@@ -29,7 +29,7 @@ import torch
 from vllm import SamplingParams
 
 import telltale_norm
-from conftest import PROMPTS, greedy, token_ids, vllm_engine
+from conftest import PROMPTS, greedy, run_staggered, token_ids, vllm_engine
 from telltale_norm import rng
 from telltale_norm.config import TelltaleConfig
 from telltale_norm.runtime import TelltaleRuntime
@@ -59,25 +59,6 @@ def sampled(max_tokens: int, seed: int, **extra) -> SamplingParams:
                           extra_args=extra or None)
 
 
-def run_steps(llm, requests):
-    """Add requests at given engine steps, run to completion.
-
-    `requests`: (start_step, request_id, prompt, SamplingParams). Returns request_id ->
-    (token ids, number of preemptions) of the finished request."""
-    engine = llm.llm_engine
-    pending = sorted(requests, key=lambda r: r[0])
-    done = {}
-    step = 0
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][0] <= step:
-            _, request_id, prompt, params = pending.pop(0)
-            engine.add_request(request_id, prompt, params)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = (list(out.outputs[0].token_ids),
-                                        out.metrics.num_preemptions)
-        step += 1
-    return done
 
 
 def per_layer(stats, key):
@@ -144,9 +125,14 @@ def preemption_runs(llm):
     def target(name):
         return name, prompts[name], sampled(PREEMPT_TOKENS, SEEDS[name], **TARGETS[name])
 
-    alone = {name: run_steps(llm, [(0, *target(name))])[name] for name in TARGETS}
+    def tokens_and_preemptions(requests):
+        done, _ = run_staggered(llm, requests)
+        return {rid: (list(out.outputs[0].token_ids), out.metrics.num_preemptions)
+                for rid, out in done.items()}
+
+    alone = {name: tokens_and_preemptions([(0, *target(name))])[name] for name in TARGETS}
     telltale_norm.reset_stats(llm)
-    crowd = run_steps(llm, [
+    crowd = tokens_and_preemptions([
         (0, f"filler{i}", f"Filler number {i}: " * 3, sampled(120, i, telltale_method="off"))
         for i in range(4)] + [(2, *target(name)) for name in TARGETS])
     llm.generate(["flush"], SamplingParams(max_tokens=1), use_tqdm=False)

@@ -15,7 +15,7 @@ import torch
 from vllm import SamplingParams
 
 import telltale_norm
-from conftest import PROMPTS, greedy, token_ids, vllm_engine
+from conftest import PROMPTS, greedy, token_ids, vllm_engine, wait_traces
 from reference_decoder import ReferenceDecoder
 from telltale_norm import rerank
 
@@ -89,19 +89,6 @@ def assert_scores_match_reference(scores, norm, metric="mean"):
         assert scores[name] == pytest.approx(want[name], rel=1e-4, abs=1e-3), (name, scores)
     if np.abs(norm - tau).min() > 1e-3:
         assert scores["C"] == want["C"]
-
-
-def wait_traces(llm, keys, timeout=60.0):
-    found = {}
-    deadline = time.monotonic() + timeout
-    while True:
-        for trace in telltale_norm.traces(llm):
-            found[(trace.request_id, trace.index)] = trace
-        missing = [key for key in keys if key not in found]
-        if not missing:
-            return found
-        assert time.monotonic() < deadline, f"no trace for {missing}"
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- 1: greedy scores

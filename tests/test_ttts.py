@@ -15,7 +15,7 @@ import torch
 from vllm import SamplingParams
 
 import telltale_norm
-from conftest import PROMPTS, greedy, token_ids, vllm_engine
+from conftest import PROMPTS, greedy, run_staggered, token_ids, vllm_engine, wait_traces
 from telltale_norm import rng
 
 MAX_TOKENS = 24
@@ -65,52 +65,6 @@ def run(llm, prompts, params):
     telltale_norm.reset_stats(llm)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return outputs, telltale_norm.stats(llm)
-
-
-def wait_traces(llm, keys, timeout=60.0):
-    """Traces of finished requests by (request_id, index); finish notices arrive one engine
-    step after the caller sees the output, so poll."""
-    found = {}
-    deadline = time.monotonic() + timeout
-    while True:
-        for trace in telltale_norm.traces(llm):
-            found[(trace.request_id, trace.index)] = trace
-        missing = [key for key in keys if key not in found]
-        if not missing:
-            return found
-        assert time.monotonic() < deadline, f"no trace for {missing}"
-        time.sleep(0.05)
-
-
-def run_staggered(llm, requests, abort_after=None):
-    """Add requests at given engine steps, abort some once they have produced a given
-    number of tokens, and run to the end.
-
-    `requests`: (start_step, request_id, prompt, SamplingParams); `abort_after`: request_id
-    -> tokens. Returns request_id -> token ids per candidate of the finished requests, and
-    the ids aborted while decoding.
-    """
-    engine = llm.llm_engine
-    pending = sorted(requests, key=lambda r: r[0])
-    abort_after = dict(abort_after or {})
-    done: dict[str, list[list[int]]] = {}
-    aborted = []
-    step = 0
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][0] <= step:
-            _, rid, prompt, params = pending.pop(0)
-            engine.add_request(rid, prompt, params)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = [list(c.token_ids) for c in out.outputs]
-            elif min(len(c.token_ids) for c in out.outputs) >= abort_after.get(
-                    out.request_id, float("inf")):
-                # (an n > 1 request may report once per candidate in one step)
-                del abort_after[out.request_id]
-                engine.abort_request([out.request_id])
-                aborted.append(out.request_id)
-        step += 1
-    return done, aborted
 
 
 # ---------------------------------------------------------------- the rules, from SPEC.md
@@ -277,7 +231,8 @@ QUIET = {**FORCE, "telltale_p_inject": 0}
 def injections_of(llm, requests):
     telltale_norm.reset_stats(llm)
     done, _ = run_staggered(llm, requests)
-    return done, per_layer(telltale_norm.stats(llm), "injections")
+    tokens = {rid: [list(c.token_ids) for c in out.outputs] for rid, out in done.items()}
+    return tokens, per_layer(telltale_norm.stats(llm), "injections")
 
 
 def test_a_seeded_request_injects_the_same_alone_and_among_others(llm):
