@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +38,13 @@ def engine_config(vllm_config) -> TelltaleConfig:
     """The settings an engine was created with; inactive (method off) when it was created
     without VLLM_PATCH, whatever the environment says now."""
     env = (vllm_config.additional_config or {}).get(CONFIG_KEY)
-    return TelltaleConfig() if env is None else TelltaleConfig.from_env(env)
+    return TelltaleConfig() if env is None else _parsed(tuple(sorted(env.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(env: tuple[tuple[str, str], ...]) -> TelltaleConfig:
+    # Asked for on every request (validation, cache salt): parse each engine's settings once.
+    return TelltaleConfig.from_env(dict(env))
 
 
 def _num_layers(model_config) -> int:
