@@ -11,7 +11,7 @@ setup:
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
 
-# Unit tests of the core only (seconds, no engine).
+# Tests that start no engine (a few minutes).
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not engine"
 
