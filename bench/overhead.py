@@ -13,7 +13,9 @@ straightforward per-token loops with the research code's structure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -146,11 +148,14 @@ def _params(max_tokens: int, extra: dict | None):
                           extra_args=extra)
 
 
-def runtime_benchmark(model: str, batches: list[int], steps: int = 40) -> dict:
-    """The runtime's own time per decode step (begin_step + every layer's on_layer), per
-    configuration, on random states of the model's shape: what the plugin adds to a step,
-    measured precisely, unlike end-to-end ratios on a noisy machine. Loop's re-run is a
-    stand-in (the layer's own cost is the model's, counted by the fraction re-run)."""
+def runtime_benchmark(model: str, batches: list[int], steps: int = 60) -> dict:
+    """The runtime's own time per decode step (begin_step + every layer's on_layer +
+    end_step), per configuration, on random states of the model's shape: what the plugin
+    adds to a step, measured precisely, unlike end-to-end ratios on a noisy machine. Loop's
+    re-run is a stand-in (the layer's own cost is the model's, counted by the fraction
+    re-run). Configurations take turns step by step, and each reports the lower quartile of
+    its step times: this shared machine's noise only ever adds time, in bursts that a
+    median of consecutive steps of one configuration does not escape."""
     import numpy as np
     import torch
 
@@ -165,39 +170,44 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 40) -> dict:
     gen = torch.Generator().manual_seed(0)
     # norms of these states are ~sqrt(2 * hidden) * 2 (~68 for SmolLM2): tau 60 acts on some
     taus = {layer: 2.0 * (2 * hidden) ** 0.5 * 0.88 for layer in layers}
-    out: dict[str, dict[int, float]] = {}
-    for name, config_args in CONFIGS.items():
-        if config_args is None:
-            continue
-        extra = _request_args(config_args, taus)
-        per_batch = {}
-        for b in batches:
-            runtime = TelltaleRuntime(engine, num_layers, max_len=1024)
-            ids = [f"{name}-{i}" for i in range(b)]
-            prompt = np.full(b, 16)
-            states = [(torch.randn(b, hidden, generator=gen) * 2,
-                       torch.randn(b, hidden, generator=gen) * 2) for _ in range(num_layers)]
-            times = []
-            for step in range(steps):
-                spent = 0.0
+    names = [name for name, args in CONFIGS.items() if args is not None]
+    out: dict[str, dict[int, float]] = {name: {} for name in names}
+    for b in batches:
+        prompt = np.full(b, 16)
+        states = [(torch.randn(b, hidden, generator=gen) * 2,
+                   torch.randn(b, hidden, generator=gen) * 2) for _ in range(num_layers)]
+        runtimes = {name: TelltaleRuntime(engine, num_layers, max_len=1024) for name in names}
+        times: dict[str, list[float]] = {name: [] for name in names}
+
+        def step(name: str, index: int) -> float:
+            runtime, extra = runtimes[name], _request_args(CONFIGS[name], taus)
+            spent = 0.0
+            start = time.perf_counter()
+            runtime.begin_step([f"{name}-{i}" for i in range(b)], np.ones(b, dtype=np.int64),
+                               prompt + index, prompt, lambda rid: (extra, None, 0))
+            spent += time.perf_counter() - start
+            for layer in range(num_layers):
+                h, r = states[layer][0].clone(), states[layer][1].clone()
                 start = time.perf_counter()
-                runtime.begin_step(ids, np.ones(b, dtype=np.int64), prompt + step, prompt,
-                                   lambda rid: (extra, None, 0))
+                runtime.on_layer(layer, h, r, lambda h, r: (h.clone(), r.clone()))
                 spent += time.perf_counter() - start
-                for layer in range(num_layers):
-                    h, r = states[layer][0].clone(), states[layer][1].clone()
-                    start = time.perf_counter()
-                    runtime.on_layer(layer, h, r, lambda h, r: (h.clone(), r.clone()))
-                    spent += time.perf_counter() - start
-                runtime.end_step()
-                times.append(spent)
-            per_batch[b] = 1000 * statistics.median(times[steps // 4:])
-        out[name] = per_batch
+            start = time.perf_counter()
+            runtime.end_step()
+            return spent + time.perf_counter() - start
+
+        for index in range(steps + steps // 4):
+            for name in names:
+                spent = step(name, index)
+                if index >= steps // 4:  # after a warm-up (first steps allocate buffers)
+                    times[name].append(spent)
+        for name in names:
+            out[name][b] = 1000 * float(np.percentile(times[name], 25))
     return out
 
 
 def step_benchmark(batches: list[int], hidden: int = 576, reps: int = 20) -> dict:
-    """Per-step ERSS and LRS work: vectorised vs per-token loops, on random tensors."""
+    """Per-step ERSS and LRS work: vectorised vs per-token loops, on random tensors. The
+    ERSS loop must give the vectorised step's deltas, streaks and cooldowns (checked)."""
     import torch
 
     from telltale_norm.methods.ttts import BankState, TttsSettings, ttts_step
@@ -211,16 +221,27 @@ def step_benchmark(batches: list[int], hidden: int = 576, reps: int = 20) -> dic
         res = torch.randn(b, hidden, generator=gen)
         norms = torch.linalg.vector_norm(x, dim=1)
         tau = norms.median().expand(b)
-        state = BankState(torch.randn(b, k, hidden, generator=gen), torch.rand(b, k) * 30,
-                          torch.full((b,), 39), torch.zeros(b, dtype=torch.int64))
-        s = TttsSettings(*(torch.full((b,), float(v)) for v in (40, 1.0, 0.2, 0.5, 32, k,
-                                                                0.5)))
+        # half-full banks, streaks about to trigger, some requests cooling down
+        bank = torch.randn(b, k, hidden, generator=gen)
+        bank_norm = torch.linalg.vector_norm(bank, dim=2)
+        bank_norm[:, k // 2:] = -math.inf
+        state = BankState(bank, bank_norm,
+                          torch.full((b,), 39), torch.randint(0, 2, (b,), generator=gen))
+        # SPEC defaults, but injecting more often (p 0.5, cos_min 0) so every path runs
+        s = TttsSettings(*(torch.full((b,), float(v)) for v in (40, 1.0, 0.5, 0.5, 32, k,
+                                                                0.0)))
         draws = torch.rand(b, generator=gen)
-        eligible = torch.ones(b, dtype=torch.bool)
+        eligible = torch.rand(b, generator=gen) < 0.9
+        vec = ttts_step(x, res, norms, tau, eligible, draws, state, s)
+        loop = _ttts_per_token(x, res, norms, tau, eligible, draws, _copy(state), s)
+        torch.testing.assert_close(loop[0], vec.delta)
+        assert loop[1].tolist() == vec.low_streak.tolist()
+        assert loop[2].tolist() == vec.cooldown.tolist()
         out["ttts_vectorised_ms"][b] = _time(lambda: ttts_step(
             x, res, norms, tau, eligible, draws, state, s), reps)
-        out["ttts_loop_ms"][b] = _time(lambda: _ttts_per_token(
-            x, res, norms, tau, draws, state), reps)
+        out["ttts_loop_ms"][b] = _time(
+            lambda st: _ttts_per_token(x, res, norms, tau, eligible, draws, st, s), reps,
+            setup=lambda: _copy(state))
         # LRS: one step's per-token scoring work for b requests over 6 layers (the final
         # scores are computed once per request when it finishes)
         n6 = torch.rand(b, 6) * 40
@@ -231,24 +252,42 @@ def step_benchmark(batches: list[int], hidden: int = 576, reps: int = 20) -> dic
     return out
 
 
-def _ttts_per_token(x, res, norms, tau, draws, state) -> None:
-    """The research code's structure: a Python loop over the batch's tokens."""
+def _copy(state):
+    """A fresh copy of a bank state (the per-token loop edits its state in place)."""
+    return dataclasses.replace(state, **{f.name: getattr(state, f.name).clone()
+                                         for f in dataclasses.fields(state)
+                                         if getattr(state, f.name) is not None})
+
+
+def _ttts_per_token(x, res, norms, tau, eligible, draws, state, s):
+    """The research code's structure: ERSS's rules (SPEC.md "ttts") token by token in
+    Python, editing the request's bank, streak and cooldown in place. Returns the deltas,
+    streaks and cooldowns."""
     import torch
 
+    delta = torch.zeros_like(x)
     for i in range(x.shape[0]):
-        n = float(norms[i])
-        bank, bank_norm = state.bank[i], state.bank_norm[i]
-        if n > float(tau[i]):
+        if not bool(eligible[i]):
+            continue
+        n, t, k = float(norms[i]), float(tau[i]), int(s.bank_k[i])
+        bank, bank_norm = state.bank[i, :k], state.bank_norm[i, :k]
+        if n > t:
             j = int(torch.argmin(bank_norm))
             if n > float(bank_norm[j]):
                 bank[j] = x[i]
                 bank_norm[j] = n
-        streak = int(state.low_streak[i]) + 1 if n < float(tau[i]) else 0
-        if streak >= 40 and float(draws[i]) < 0.2:
+        state.low_streak[i] = int(state.low_streak[i]) + 1 if n < float(s.gamma[i]) * t else 0
+        state.cooldown[i] = max(int(state.cooldown[i]) - 1, 0)
+        if (int(state.low_streak[i]) >= int(s.low_k[i]) and int(state.cooldown[i]) == 0
+                and float(draws[i]) < float(s.p_inject[i])):
             cos = torch.nn.functional.cosine_similarity(bank, x[i].unsqueeze(0), dim=-1)
+            cos = cos.masked_fill(~torch.isfinite(bank_norm), -math.inf)
             j = int(torch.argmax(cos))
-            if float(cos[j]) >= 0.5:
-                _ = 0.5 * (bank[j] - res[i])
+            if float(cos[j]) >= float(s.cos_min[i]):
+                delta[i] = float(s.beta[i]) * (bank[j] - res[i])
+                state.low_streak[i] = 0
+                state.cooldown[i] = int(s.cooldown[i])
+    return delta, state.low_streak, state.cooldown
 
 
 def _lrs_per_token(n6, t6) -> None:
@@ -258,12 +297,15 @@ def _lrs_per_token(n6, t6) -> None:
             _ = (n, max(0.0, n - t), n > t)
 
 
-def _time(fn, reps: int) -> float:
-    fn()
+def _time(fn, reps: int, setup=None) -> float:
+    """Median ms of `fn()`, or of `fn(setup())` with `setup` left out of the timing."""
+    call = fn if setup is None else (lambda: fn(setup()))
+    call()
     times = []
     for _ in range(reps):
+        arg = () if setup is None else (setup(),)
         start = time.perf_counter()
-        fn()
+        fn(*arg)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -320,8 +362,9 @@ def write_report(result: dict, path: Path, plot_path: Path) -> None:
     if "runtime" in result:
         step_ms = {b: 1000 * b / eng["tokens_per_s"]["off"][b] for b in batches}
         lines += ["", "## The plugin's own time per decode step", "",
-                  "`TelltaleRuntime.begin_step` + `on_layer` for every layer, on random states "
-                  "of the model's shape (ms, median), and what it adds to plugin-off's measured "
+                  "`TelltaleRuntime.begin_step` + `on_layer` for every layer + `end_step`, on "
+                  "random states of the model's shape (ms, lower quartile of 60 steps, the "
+                  "configurations taking turns), and what it adds to plugin-off's measured "
                   "time per step (" + ", ".join(f"batch {b}: {step_ms[b]:.0f} ms"
                                                 for b in batches) + "):", "",
                   "| configuration | " + " | ".join(f"batch {b}" for b in batches) + " |",

@@ -67,6 +67,57 @@ def test_recomputed_output_tokens_after_preemption_are_edited_again_but_not_coun
     assert int(rt.counters["suppressed"][1]) == 5
 
 
+FORCED_TTTS = {"telltale_method": "ttts", "telltale_tau_json": '{"1": 0.001, "2": 0.001}',
+               "telltale_gamma": 1e30, "telltale_low_k": 1, "telltale_p_inject": 1.0,
+               "telltale_cos_min": -1.0, "telltale_cooldown": 1}
+
+
+def ttts_states(position: int, layer: int):
+    """The (hidden, residual) a layer produces for a position: fixed per (position, layer),
+    as in a recomputation."""
+    gen = torch.Generator().manual_seed(1000 * layer + position)
+    return torch.randn(H, generator=gen), torch.randn(H, generator=gen)
+
+
+def ttts_forward(rt, positions, computed, prompt):
+    """One step of request "a" over `positions`; returns each layer's edited hidden."""
+    rt.begin_step(["a"], np.array([len(positions)]), np.array([computed]), np.array([prompt]),
+                  lambda rid: (FORCED_TTTS, 7, 0))
+    out = {}
+    for layer in (1, 2):
+        hidden, residual = (torch.stack(t) for t in zip(*(ttts_states(p, layer)
+                                                            for p in positions)))
+        rt.on_layer(layer, hidden, residual)
+        out[layer] = hidden
+    rt.end_step()
+    return out
+
+
+@pytest.mark.parametrize("log", [128, 3])
+def test_ttts_injections_are_replayed_into_recomputed_tokens(log):
+    rt = make_runtime(VLLM_PATCH="ttts", TTTS_REPLAY_LOG=str(log))
+    ttts_forward(rt, range(4), 0, 4)  # the prompt
+    decoded = {pos: ttts_forward(rt, [pos], pos, 4) for pos in range(4, 12)}
+    injections = int(rt.counters["injections"].sum())
+    assert injections >= 6  # every other token, on both layers
+    banks = {name: rt.states.buffer(name).clone() for name in ("ttts_bank", "ttts_bank_norm",
+                                                               "ttts_streaks")}
+    # preempted; recomputed from scratch in one chunk
+    again = ttts_forward(rt, range(12), 0, 4)
+    replayed = int(rt.counters["injections_replayed"].sum())
+    assert replayed == min(injections, log)
+    assert int(rt.counters["injections_unlogged"].sum()) == injections - replayed
+    assert int(rt.counters["injections"].sum()) == injections  # not counted again
+    for name, before in banks.items():  # replay leaves the banks alone
+        assert torch.equal(rt.states.buffer(name), before), name
+    matches = [torch.equal(again[layer][pos], decoded[pos][layer][0])
+               for pos in range(4, 12) for layer in (1, 2)]
+    if log >= injections:  # every recomputed token equals the token as decoded
+        assert all(matches)
+    else:  # the first `log` injections (in decode order) are replayed, the rest are not
+        assert sum(not m for m in matches) == injections - log
+
+
 def test_per_request_method_off_and_unpatched_layers_are_untouched():
     rt = make_runtime()
     extra = {"a": TAU0, "b": {**TAU0, "telltale_method": "off"}}

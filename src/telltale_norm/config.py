@@ -186,6 +186,8 @@ _SETTINGS_SPEC: list[tuple[str, str, Callable[[Any], Any], bool, str]] = [
     ("TTTS_COOLDOWN", "ttts_cooldown", _number(int, 0), True, "cooldown"),
     ("TTTS_BANK_K", "ttts_bank_k", _number(int, 1, 4096), True, "bank_k"),
     ("TTTS_COS_MIN", "ttts_cos_min", _number(float, -1, 1), True, "cos_min"),
+    # injections kept per request to replay after a preemption (engine-wide: preallocated)
+    ("TTTS_REPLAY_LOG", "ttts_replay_log", _number(int, 0, 65536), False, "replay_log"),
     ("RERANK_METRIC", "rerank_metric", _choice(*RERANK_METRICS, upper=True), True, "metric"),
     ("RERANK_LAYER_AGG", "rerank_layer_agg", _choice("sum", "mean"), True, "layer_agg"),
     ("RERANK_LATE_FRAC", "rerank_late_frac", _number(float, 0, 1, lo_open=True), True,
@@ -251,6 +253,7 @@ class TelltaleConfig:
     ttts_cooldown: int = 32
     ttts_bank_k: int = 32
     ttts_cos_min: float = 0.5
+    ttts_replay_log: int = 128
     # The length-normalised mean norm: A grows with answer length, so raw sums prefer long
     # answers; the mean compares candidates of different lengths fairly.
     rerank_metric: str = "mean"

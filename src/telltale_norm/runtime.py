@@ -8,6 +8,7 @@ whole step; Python loops run over requests (once per step), never over tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -23,7 +24,7 @@ from telltale_norm.config import ConfigError, TelltaleConfig, check_request
 from telltale_norm.methods.loop import Rerun, loop_step
 from telltale_norm.methods.rerank import candidate_scores
 from telltale_norm.methods.suppress import suppress_factors
-from telltale_norm.methods.ttts import TTTS_PARAMS, Banks, TttsSettings, ttts_step
+from telltale_norm.methods.ttts import Banks, TttsSettings, ttts_step
 from telltale_norm.norms import residual_stream, scale_residual_stream_, token_norms
 from telltale_norm.requests import COL, METHOD_ID, RequestStates, request_row
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
@@ -45,6 +46,8 @@ COUNTERS = (
     "rerun_stopped_tau", "rerun_stopped_growth", "rerun_stopped_blowup",  # loop: why stopped
     "rerun_layer_passes",  # loop: extra executions of the layer (each runs the whole step)
     "injections",  # ttts: bank states injected
+    "injections_replayed",  # ttts: logged injections applied again to recomputed tokens
+    "injections_unlogged",  # ttts: injections past a request's log capacity (not replayable)
     "inject_no_match",  # ttts: triggers that found no bank state with cosine >= COS_MIN
     "max_low_streak",  # ttts: the longest low-norm streak seen (a maximum, not a sum)
 )
@@ -52,6 +55,29 @@ COUNTERS = (
 # What the adapter tells about a request the first time it is scheduled: its
 # SamplingParams.extra_args, its seed (None when unseeded) and its sample index (n > 1).
 RequestInfo = Callable[[str], tuple[Mapping[str, Any] | None, int | None, int]]
+
+
+@dataclass(frozen=True)
+class TttsTokens:
+    """A step's tokens of ttts requests, one per request: their place in the step, slot and
+    position; for decode tokens also their settings and draws on every patched layer."""
+
+    index: torch.Tensor | None  # int64 [R]; None: every token of the step (no gathers)
+    slots: torch.Tensor  # int64 [R]
+    position: torch.Tensor  # int64 [R]
+    settings: TttsSettings | None = None
+    draws: torch.Tensor | None = None  # float32 [R, patched layers]
+
+    def take(self, values: torch.Tensor) -> torch.Tensor:
+        """These tokens' rows of a per-token tensor of the step."""
+        return values if self.index is None else values.index_select(0, self.index)
+
+    def put(self, values: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write these tokens' `rows` into the per-token tensor `values`, in place."""
+        if self.index is None:
+            values.copy_(rows)
+        else:
+            values.index_copy_(0, self.index, rows)
 
 
 @dataclass(frozen=True)
@@ -64,15 +90,16 @@ class StepBatch:
     decode: torch.Tensor  # bool [T]
     replay: torch.Tensor | None  # bool [T]: output tokens recomputed after a preemption
     position: torch.Tensor  # int64 [T]
-    params: torch.Tensor  # float64 [T, PARAM_COLUMNS]: each token's request settings
+    params: torch.Tensor  # float32 [T, PARAM_COLUMNS]: each token's request settings
+    tau: torch.Tensor  # float32 [T, num_layers]: each token's fixed tau (NaN: adaptive)
     method: torch.Tensor  # int64 [T]
     layer_mask: torch.Tensor  # bool [T, num_layers]: the token's request acts on the layer
     active_layers: np.ndarray  # bool [num_layers], host
     adaptive_layers: np.ndarray  # bool [num_layers]: some request needs the adaptive tau
     methods: frozenset[int]  # methods of the step's requests, host
-    suppress_draws: bool  # some request suppresses in random mode (needs draws), host
-    ttts_tokens: torch.Tensor | None  # int64: decode tokens of ttts requests (one each)
-    ttts_slots: torch.Tensor | None  # int64: their slots
+    suppress_draws: torch.Tensor | None  # float32 [T, num_layers] when a request needs them
+    ttts: TttsTokens | None  # decode tokens of ttts requests
+    ttts_replay: TttsTokens | None  # their recomputed output tokens (after a preemption)
 
 
 class TelltaleRuntime:
@@ -93,7 +120,12 @@ class TelltaleRuntime:
         self.prefill_steps = 0
         self.rejected_requests = 0
         self.traces = TraceRecorder(self.states, self.patched_layers, max_len)
-        self.banks = Banks(self.states, self.patched_layers, config.ttts_bank_k)
+        self.banks = Banks(self.states, self.patched_layers, config.ttts_bank_k,
+                           config.ttts_replay_log)
+        self._layer_ids = torch.arange(num_layers, device=self.device)
+        self._bank_layers = torch.tensor(self.patched_layers, dtype=torch.int64,
+                                         device=self.device)
+        self._injections: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this step's
         self._scorers: dict[int, Callable[[np.ndarray, np.ndarray], dict]] = {}  # rerank slots
         self.step: StepBatch | None = None
 
@@ -173,31 +205,61 @@ class TelltaleRuntime:
         to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
         token_slot = to_dev(slots[tok_req])
         method = states.buffer("method")[token_slot]
+        params = states.buffer("params")[token_slot]
+        position_dev = to_dev(position)
+        seed = states.buffer("seed")
         traced = states.traced[slots][tok_req]
         trace_row = None
         if traced.any():
             decode_step = position - np.asarray(num_prompt, dtype=np.int64)[tok_req]
             trace_row = to_dev(self.traces.row_index(traced, decode, decode_step))
-        ttts_tokens = np.flatnonzero(decode & (methods[tok_req] == TTTS))
+
+        def ttts_tokens(which: np.ndarray, decoding: bool) -> TttsTokens | None:
+            index = np.flatnonzero(which & (methods[tok_req] == TTTS))
+            if not len(index):
+                return None
+            # a step of ttts decode tokens only (the usual case) needs no gathers
+            tokens = TttsTokens(None if len(index) == num_tokens else to_dev(index),
+                                token_slot, position_dev)
+            tokens = dataclasses.replace(tokens, slots=tokens.take(token_slot),
+                                         position=tokens.take(position_dev))
+            if not decoding:
+                return tokens
+            return dataclasses.replace(
+                tokens, settings=TttsSettings.from_params(tokens.take(params)),
+                draws=rng.uniform_per_layer(seed[tokens.slots], rng.STREAM_TTTS,
+                                            self._bank_layers, tokens.position))
+
         self.step = StepBatch(
             num_tokens=num_tokens,
             token_slot=token_slot,
             trace_row=trace_row,
             decode=to_dev(decode),
             replay=to_dev(replay) if replay.any() else None,
-            position=to_dev(position),
-            params=states.buffer("params")[token_slot],
+            position=position_dev,
+            params=params,
+            tau=states.buffer("tau").index_select(0, token_slot),
             method=method,
             layer_mask=states.buffer("layers")[token_slot] & (method != OFF).unsqueeze(1),
             active_layers=active_layers,
             adaptive_layers=states.adaptive_host[slots].any(axis=0),
             methods=frozenset(int(m) for m in np.unique(methods) if m != OFF),
-            suppress_draws=bool(states.random_suppress[slots].any()),
-            ttts_tokens=to_dev(ttts_tokens) if len(ttts_tokens) else None,
-            ttts_slots=to_dev(slots[tok_req][ttts_tokens]) if len(ttts_tokens) else None,
+            suppress_draws=(rng.uniform_per_layer(seed[token_slot], rng.STREAM_SUPPRESS,
+                                                  self._layer_ids, position_dev)
+                            if states.random_suppress[slots].any() else None),
+            ttts=ttts_tokens(decode, decoding=True),
+            ttts_replay=ttts_tokens(replay, decoding=False),
         )
 
     def end_step(self) -> None:
+        """The step's forward is done: log its ttts injections (for replay), once per step."""
+        if self._injections:
+            layers, injected, deltas = zip(*self._injections)
+            self._injections = []
+            unlogged = self.banks.log(self.step.ttts.slots, self.step.ttts.position,
+                                      list(layers), list(injected), list(deltas))
+            self.counters["injections_unlogged"].index_add_(
+                0, self._bank_layers.new_tensor(layers), unlogged.double())
         self.step = None
 
     def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
@@ -220,16 +282,19 @@ class TelltaleRuntime:
         self.counters["tokens"][layer] += observe.sum()
         if not step.methods & ACTING and step.trace_row is None:
             return  # monitor, and rerank's untraced neighbours: observing is all; no tau
-        tau, ready = self._tau(layer, slot, params, step.adaptive_layers[layer])
+        tau, ready = self._tau(layer, params, step.adaptive_layers[layer])
         action = torch.zeros_like(slot, dtype=torch.uint8)  # ACTION_* bits per token
 
         edit = step.decode if step.replay is None else step.decode | step.replay
         if LOOP in step.methods and rerun is not None and residual is not None:
             eligible = in_layer & (method == LOOP) & ready & edit
             action |= self._loop(layer, hidden, residual, norms, tau, eligible, params, rerun)
-        if step.ttts_tokens is not None and layer in self.banks.column:
-            injected = self._ttts(layer, h, r, norms, tau, in_layer & ready, params, step)
-            action[step.ttts_tokens] |= injected.to(torch.uint8) * ACTION_INJECT
+        if step.ttts is not None and layer in self.banks.column:
+            injected = self._ttts(layer, h, r, norms, tau, in_layer & ready, step.ttts)
+            step.ttts.put(action, step.ttts.take(action) | injected.to(torch.uint8)
+                          * ACTION_INJECT)
+        if step.ttts_replay is not None and layer in self.banks.column:
+            self._ttts_replay(layer, h, step.ttts_replay)
         if SUPPRESS in step.methods:
             only_decode = params[:, COL["suppress_only_decode"]] > 0
             eligible = in_layer & (method == SUPPRESS) & ready & (edit | ~only_decode)
@@ -267,9 +332,8 @@ class TelltaleRuntime:
                   norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
                   params: torch.Tensor, step: StepBatch) -> torch.Tensor:
         """suppress on the step's tokens; returns ACTION_SUPPRESS bits per token."""
-        draws = (rng.uniform(self.states.buffer("seed")[step.token_slot], rng.STREAM_SUPPRESS,
-                             layer, step.position)
-                 if step.suppress_draws else torch.ones_like(norms))  # unused without them
+        draws = (step.suppress_draws[:, layer] if step.suppress_draws is not None
+                 else torch.ones_like(norms))  # unused without random-mode requests
         factor, chosen = suppress_factors(
             norms, tau, eligible,
             random_mode=params[:, COL["suppress_random"]] > 0, draws=draws,
@@ -282,31 +346,38 @@ class TelltaleRuntime:
         return chosen.to(torch.uint8) * ACTION_SUPPRESS
 
     def _ttts(self, layer: int, h: torch.Tensor, r: torch.Tensor | None, norms: torch.Tensor,
-              tau: torch.Tensor, eligible: torch.Tensor, params: torch.Tensor,
-              step: StepBatch) -> torch.Tensor:
+              tau: torch.Tensor, eligible: torch.Tensor, tokens: TttsTokens) -> torch.Tensor:
         """ERSS on the step's ttts decode tokens; returns which of them got an injection."""
-        idx, slots = step.ttts_tokens, step.ttts_slots
-        x = residual_stream(h[idx], None if r is None else r[idx])
-        res = torch.zeros_like(x) if r is None else r[idx].float()
-        p = params[idx]
-        settings = TttsSettings(**{name: p[:, COL[f"ttts_{name}"]] for name in TTTS_PARAMS})
-        draws = rng.uniform(self.states.buffer("seed")[slots], rng.STREAM_TTTS, layer,
-                            step.position[idx])
-        out = ttts_step(x, res, norms[idx], tau[idx], eligible[idx], draws,
-                        self.banks.read(slots, layer, x.shape[1]), settings)
-        self.banks.write(slots, layer, out, x)
-        h[idx] = (h[idx].float() + out.delta).to(h.dtype)
+        hx = tokens.take(h)
+        res = None if r is None else tokens.take(r).float()
+        x = residual_stream(hx, res)
+        out = ttts_step(x, torch.zeros_like(x) if res is None else res, tokens.take(norms),
+                        tokens.take(tau), tokens.take(eligible),
+                        tokens.draws[:, self.banks.column[layer]],
+                        self.banks.read(tokens.slots, layer, x.shape[1]), tokens.settings)
+        self.banks.write(tokens.slots, layer, out, x)
         counters = self.counters
-        counters["injections"][layer] += out.injected.sum()
-        counters["inject_no_match"][layer] += out.no_match.sum()
+        if out.may_inject:
+            tokens.put(h, (hx.float() + out.delta).to(h.dtype))
+            self._injections.append((layer, out.injected, out.delta))
+            counters["injections"][layer] += out.injected.sum()
+            counters["inject_no_match"][layer] += out.no_match.sum()
         counters["max_low_streak"][layer] = torch.maximum(
             counters["max_low_streak"][layer], out.low_streak.max().double())
         return out.injected
 
-    def _tau(self, layer: int, slot: torch.Tensor, params: torch.Tensor,
+    def _ttts_replay(self, layer: int, h: torch.Tensor, tokens: TttsTokens) -> None:
+        """Inject again, into recomputed tokens, what was injected when they were decoded,
+        so the KV cache gets the keys and values it had (the banks are not touched)."""
+        delta, found = self.banks.logged_delta(tokens.slots, tokens.position, layer,
+                                               h.shape[1])
+        tokens.put(h, (tokens.take(h).float() + delta).to(h.dtype))
+        self.counters["injections_replayed"][layer] += found.sum()
+
+    def _tau(self, layer: int, params: torch.Tensor,
              adaptive_needed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token tau for `layer`, and whether it may be acted on (not warming up)."""
-        fixed = self.states.buffer("tau")[slot, layer]
+        fixed = self.step.tau[:, layer]
         if not adaptive_needed:  # every request of the step has a fixed tau here
             return fixed, torch.ones_like(fixed, dtype=torch.bool)
         q1, q3 = self.quantiles.quantiles(layer, [0.25, 0.75]).float()

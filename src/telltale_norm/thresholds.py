@@ -32,16 +32,20 @@ class StreamingQuantiles:
         self.bins = bins
         self.width = (_LOG_HI - _LOG_LO) / bins
         self.counts = torch.zeros(num_layers, bins, dtype=torch.float64, device=device)
-        self.total = torch.zeros(num_layers, dtype=torch.float64, device=device)
         self.sum = torch.zeros(num_layers, dtype=torch.float64, device=device)
+
+    @property
+    def total(self) -> torch.Tensor:
+        """Values seen per layer `[num_layers]`."""
+        return self.counts.sum(1)
 
     def update(self, layer: int, values: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Add `values` (weighted 0/1 by `weight`, so masks need no boolean indexing)."""
-        w = torch.ones_like(values, dtype=torch.float64) if weight is None else weight.double()
-        idx = ((values.double().clamp_min(1e-30).log() - _LOG_LO) / self.width).long()
+        v = values.double()
+        w = torch.ones_like(v) if weight is None else weight.double()
+        idx = v.clamp_min(1e-30).log_().sub_(_LOG_LO).div_(self.width).long()
         self.counts[layer].index_add_(0, idx.clamp_(0, self.bins - 1), w)
-        self.total[layer] += w.sum()
-        self.sum[layer] += (values.double() * w).sum()
+        self.sum[layer] += v.dot(w)
 
     def quantiles(self, layer: int, qs: torch.Tensor | list[float]) -> torch.Tensor:
         """Estimates of the `qs` quantiles (numpy's 'linear' definition) of layer's values.
@@ -67,7 +71,7 @@ class StreamingQuantiles:
         return torch.exp(_LOG_LO + (b.double() + within.clamp(0, 1)) * self.width)
 
     def mean(self, layer: int) -> float:
-        total = float(self.total[layer])
+        total = float(self.counts[layer].sum())
         return float(self.sum[layer]) / total if total else float("nan")
 
 
