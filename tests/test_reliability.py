@@ -521,7 +521,10 @@ class TestPipelineParallel:
         for key in ("decode_steps", "prefill_steps", "live_requests", "live_banks",
                     "rejected_requests"):
             assert first[key] == last[key], key
-        # rank 0 holds layers 0-1, rank 1 layers 2-3: each counts the layer it runs
-        assert first["per_layer"]["1"]["tokens"] == last["per_layer"]["2"]["tokens"] > 0
+        # rank 0 holds layers 0-1, rank 1 layers 2-3: each counts the layer it runs, for the
+        # requests patched there (all four on layer 1; ttts_forced is on layer 1 only)
+        decode = MAX_TOKENS - 1
+        assert first["per_layer"]["1"]["tokens"] == 4 * decode
+        assert last["per_layer"]["2"]["tokens"] == 3 * decode
         assert first["per_layer"]["2"]["tokens"] == last["per_layer"]["1"]["tokens"] == 0
         assert first["per_layer"]["1"]["suppressed"] > 0 and last["per_layer"]["2"]["reruns"] > 0
