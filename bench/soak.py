@@ -1,7 +1,7 @@
 """Soak test: many requests of random lengths, aborts mid-decode and forced preemption.
 
     .venv/bin/python bench/soak.py                   # 2,000 requests per phase (hours)
-    .venv/bin/python bench/soak.py --requests 280 --warmup 60   # 2,380 requests (~1 hour)
+    .venv/bin/python bench/soak.py --requests 280 --warmup 60   # 2,380 requests (20-40 min)
 
 One engine (VLLM_PATCH=monitor, PATCHED_LAYERS=1,2, a tiny random fp32 Llama) runs one
 phase per method (every request of a phase picks that method per request, `telltale_method`
