@@ -35,6 +35,7 @@ def scale_residual_stream_(hidden: torch.Tensor, residual: torch.Tensor | None,
     hidden.copy_(new.to(hidden.dtype))
 
 
-def add_to_residual_stream_(hidden: torch.Tensor, delta: torch.Tensor) -> None:
-    """`x <- x + delta` per token (rows of zeros leave a token's bits unchanged)."""
-    hidden.copy_((hidden.float() + delta).to(hidden.dtype))
+def shifted_residual_stream(hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The `hidden` that makes `x <- x + delta` per token, computed in float32 and returned
+    in hidden's dtype (rows of zeros leave a token's bits unchanged)."""
+    return (hidden.float() + delta).to(hidden.dtype)

@@ -25,7 +25,8 @@ from telltale_norm.methods.loop import Rerun, loop_step
 from telltale_norm.methods.rerank import candidate_scores
 from telltale_norm.methods.suppress import suppress_factors
 from telltale_norm.methods.ttts import Banks, TttsSettings, ttts_step
-from telltale_norm.norms import residual_stream, scale_residual_stream_, token_norms
+from telltale_norm.norms import (residual_stream, scale_residual_stream_,
+                                  shifted_residual_stream, token_norms)
 from telltale_norm.requests import COL, METHOD_ID, RequestStates, request_row
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
 from telltale_norm.traces import ACTION_INJECT, ACTION_RERUN, ACTION_SUPPRESS, TraceRecorder
@@ -358,7 +359,7 @@ class TelltaleRuntime:
         self.banks.write(tokens.slots, layer, out, x)
         counters = self.counters
         if out.may_inject:
-            tokens.put(h, (hx.float() + out.delta).to(h.dtype))
+            tokens.put(h, shifted_residual_stream(hx, out.delta))
             self._injections.append((layer, out.injected, out.delta))
             counters["injections"][layer] += out.injected.sum()
             counters["inject_no_match"][layer] += out.no_match.sum()
@@ -371,7 +372,7 @@ class TelltaleRuntime:
         so the KV cache gets the keys and values it had (the banks are not touched)."""
         delta, found = self.banks.logged_delta(tokens.slots, tokens.position, layer,
                                                h.shape[1])
-        tokens.put(h, (tokens.take(h).float() + delta).to(h.dtype))
+        tokens.put(h, shifted_residual_stream(tokens.take(h), delta))
         self.counters["injections_replayed"][layer] += found.sum()
 
     def _tau(self, layer: int, params: torch.Tensor,
