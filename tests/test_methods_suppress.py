@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from telltale_norm import rng
 from telltale_norm.methods.suppress import suppress_factors
-from telltale_norm.norms import residual_stream, scale_residual_stream_, token_norms
+from telltale_norm.norms import residual_stream, scale_residual_stream, token_norms
 
 
 def _args(norms, tau, **kw):
@@ -61,12 +61,13 @@ def test_scaling_writes_back_through_hidden_only(values, f):
     before_res = residual.clone()
     x = residual_stream(hidden, residual)
     factor = torch.tensor([f] + [1.0] * (len(values) - 1))
+    chosen = torch.tensor([True, False] + [True] * (len(values) - 2))
     h0 = hidden.clone()
-    scale_residual_stream_(hidden, residual, factor)
-    assert torch.equal(residual, before_res)
-    torch.testing.assert_close(residual_stream(hidden, residual)[0], f * x[0], atol=1e-5,
+    new = scale_residual_stream(hidden, residual, factor, chosen)
+    assert torch.equal(residual, before_res) and torch.equal(hidden, h0)  # inputs untouched
+    torch.testing.assert_close(residual_stream(new, residual)[0], f * x[0], atol=1e-5,
                                rtol=1e-5)
-    assert torch.equal(hidden[1:], h0[1:])  # factor 1 keeps the exact bits
+    assert torch.equal(new[1:], h0[1:])  # unchosen tokens and factor 1 keep the exact bits
 
 
 def test_norms_are_float32_over_hidden_dim():

@@ -80,7 +80,10 @@ def first_difference(a, b):
 @pytest.fixture(scope="class")
 def llm(tiny_model):
     """The small-KV engine of TestSmallKvCache (stopped when the class is done)."""
-    with vllm_engine(tiny_model("llama"), MONITOR_ENV, **SMALL_KV) as engine:
+    # layer 3 too: one preemption target suppresses the last layer (requests act on a subset
+    # of the engine's PATCHED_LAYERS)
+    with vllm_engine(tiny_model("llama"), {**MONITOR_ENV, "PATCHED_LAYERS": "1,2,3"},
+                     **SMALL_KV) as engine:
         TP1_REFERENCE["huge"] = token_ids(engine.generate(
             PROMPTS, greedy(MAX_TOKENS, telltale_method="suppress",
                             telltale_tau_json=TAU_HUGE), use_tqdm=False))
@@ -99,16 +102,19 @@ TARGETS = {
                                 telltale_tau_json=json.dumps({"3": 1e30})),
     # suppress on layers 1,2: later layers' keys and values depend on the edits
     "suppress_layers_1_2": dict(telltale_method="suppress", telltale_suppress_mode="random",
-                                telltale_random_suppress_p=0.3, telltale_tau_json=TAU_HUGE),
+                                telltale_random_suppress_p=0.3, telltale_tau_json=TAU_HUGE,
+                                telltale_layers="1,2"),
     # loop re-running every decode token twice on layers 1,2
     "loop_layers_1_2": dict(telltale_method="loop", telltale_blowup=1e30,
                             telltale_growth_eps=-1e9, telltale_max_extra=2,
-                            telltale_tau_json=json.dumps({"1": 1e-3, "2": 1e-3})),
+                            telltale_tau_json=json.dumps({"1": 1e-3, "2": 1e-3}),
+                            telltale_layers="1,2"),
     # ttts injecting often on layers 1,2 (seeded draws)
     # (about 70 injections: within the replay log of 128 per request)
     "ttts_layers_1_2": dict(telltale_method="ttts", telltale_gamma=1e30, telltale_low_k=4,
                             telltale_p_inject=0.5, telltale_cos_min=-1, telltale_cooldown=4,
-                            telltale_tau_json=json.dumps({"1": 1e-3, "2": 1e-3})),
+                            telltale_tau_json=json.dumps({"1": 1e-3, "2": 1e-3}),
+                            telltale_layers="1,2"),
 }
 SEEDS = {name: 101 + i for i, name in enumerate(TARGETS)}
 
@@ -213,7 +219,7 @@ class TestSmallKvCache:
             greedy(20, telltale_method="loop", telltale_layers="2", telltale_max_extra=3,
                    telltale_tau_json=two),
             greedy(20, telltale_method="ttts", telltale_tau_json=TAU_HUGE, telltale_low_k=1,
-                   telltale_p_inject=1.0)]
+                   telltale_p_inject=1.0, telltale_layers="1,2")]
         outputs = llm.generate(prompts, params, use_tqdm=False)
         cached = [o.num_cached_tokens for o in outputs]
         # the shared prefix (two 32-token blocks) came from the cache, at least for the
@@ -223,9 +229,9 @@ class TestSmallKvCache:
         llm.generate(["flush"], SamplingParams(max_tokens=1), use_tqdm=False)
         stats = telltale_norm.stats(llm)
         # each request observed its own layers, and only its own decode tokens (19 each)
-        assert per_layer(stats, "tokens") == {"1": 3 * 19, "2": 3 * 19}
+        assert per_layer(stats, "tokens") == {"1": 3 * 19, "2": 3 * 19, "3": 0}
         for counter in ("suppressed", "reruns", "injections"):
-            assert per_layer(stats, counter) == {"1": 0, "2": 0}, counter
+            assert per_layer(stats, counter) == {"1": 0, "2": 0, "3": 0}, counter
         traces = telltale_norm.traces(llm)  # monitor's (telltale_trace=1) and rerank's
         assert sorted((t.norm.shape, t.scores is not None) for t in traces) == [
             ((19, 1), False), ((19, 1), True)]  # each on its own one layer
@@ -422,7 +428,7 @@ def run_runtime(order: list[str], pad: int, extra_request: bool, steps: int = 12
     in batch `order`, with `pad` padding rows; return per request and step the edited
     outputs of layers 1 and 2, and the runtime."""
     config = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"})
-    runtime = TelltaleRuntime(config, num_layers=4, max_len=64)
+    runtime = TelltaleRuntime(config, num_layers=4, hidden_size=16, max_len=64)
     requests = dict(DECISION_REQUESTS)
     if extra_request:  # a neighbour that exists in one batch only
         requests["neighbour"] = ({"telltale_method": "suppress", "telltale_tau_json": TAU0},
@@ -472,7 +478,7 @@ def traced_run(requests: dict[str, dict], order: list[str], steps: int = 8):
     """A runtime (engine layers 1,2) running `order` for a prefill and `steps` decode
     steps on per-token inputs; returns each request's finished trace."""
     config = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"})
-    runtime = TelltaleRuntime(config, num_layers=4, max_len=64)
+    runtime = TelltaleRuntime(config, num_layers=4, hidden_size=16, max_len=64)
     index = {rid: i for i, rid in enumerate(sorted(requests))}
     prompt = np.full(len(order), 4)
     for step in range(steps + 1):

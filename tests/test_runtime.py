@@ -11,9 +11,10 @@ from telltale_norm.runtime import TelltaleRuntime
 H = 8
 
 
-def make_runtime(**env):
+def make_runtime(capacity=8, **env):
     env = {"VLLM_PATCH": "suppress", "PATCHED_LAYERS": "1,2", **env}
-    return TelltaleRuntime(TelltaleConfig.from_env(env), num_layers=4)
+    return TelltaleRuntime(TelltaleConfig.from_env(env), num_layers=4, hidden_size=H,
+                           max_num_seqs=capacity)
 
 
 def run_step(rt, reqs, extra=None, layer=1, pad=0):
@@ -133,10 +134,11 @@ def test_padding_past_the_scheduled_tokens_is_untouched():
     assert (hidden[0] != 1).all() and (hidden[1:] == 1).all()
 
 
-def test_all_off_step_does_no_work():
+def test_all_off_step_changes_and_counts_nothing():
     rt = make_runtime(VLLM_PATCH="monitor")
-    run_step(rt, [("a", 1, 7, 5)], {"a": {"telltale_method": "off"}})
-    assert rt.step is None and rt.decode_steps == 0
+    hidden = run_step(rt, [("a", 1, 7, 5)], {"a": {"telltale_method": "off"}})
+    assert (hidden == 1).all() and rt.decode_steps == 0
+    assert all(int(c.sum()) == 0 for c in rt.counters.values())
 
 
 def test_adaptive_tau_waits_for_warmup():
@@ -157,9 +159,9 @@ def test_adaptive_tau_waits_for_warmup():
 
 
 def test_release_frees_state_and_unknown_ids_are_ignored():
-    rt = make_runtime()
+    rt = make_runtime(capacity=100)
     run_step(rt, [(f"r{i}", 1, 7, 5) for i in range(100)])
-    assert len(rt.states) == 100 and rt.states.capacity >= 100
+    assert len(rt.states) == 100 and rt.states.capacity == 100
     rt.release([f"r{i}" for i in range(100)] + ["never-seen"])
     assert len(rt.states) == 0
     run_step(rt, [("new", 1, 7, 5)], {"new": TAU0})  # slots are reused with fresh settings
@@ -177,7 +179,7 @@ def test_seeds_come_from_the_request_else_the_server_and_differ_per_sample():
     rt.begin_step(["0_p", "1_p", "s"], np.array([1, 1, 1]), np.array([5, 5, 5]),
                   np.array([5, 5, 5]),
                   lambda rid: (None, 7 if rid == "s" else None, int(rid[0] == "1")))
-    seeds = rt.states.buffer("seed")
+    seeds = rt.states.tables["seed"]  # on the device, as the layer steps read it
     got = [int(seeds[rt.states.slot(r)]) for r in ("0_p", "1_p", "s")]
     assert got == [99, 100, 7]
 

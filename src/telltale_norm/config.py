@@ -209,8 +209,13 @@ _SETTINGS_SPEC: list[tuple[str, str, Callable[[Any], Any], bool, str]] = [
      "est_avg_decode_len"),
     ("VLLM_RANDOM_SEED", "random_seed", _number(int, 0, 2**31 - 1), True, "random_seed"),
     ("VLLM_PATCH_TRACE", "trace", _flag, True, "trace"),
+    # decode steps kept per traced request (0: max_model_len, i.e. all); host memory only
+    ("VLLM_PATCH_TRACE_MAX_STEPS", "trace_max_steps", _number(int, 0), False,
+     "trace_max_steps"),
     ("VLLM_PATCH_STATS_PATH", "stats_path", _optional_path, False, "stats_path"),
     ("VLLM_PATCH_DUMP_EVERY", "dump_every", _number(int, 0), False, "dump_every"),
+    # refuse vLLM versions the plugin is not tested with (else: a warning, internals checked)
+    ("TELLTALE_STRICT_VLLM", "strict_vllm", _flag, False, "strict_vllm"),
 ]
 
 SETTINGS: tuple[Setting, ...] = tuple(
@@ -270,8 +275,10 @@ class TelltaleConfig:
     random_seed: int = 1234
     # Record per-request norm traces (always on under rerank, whose scores need them).
     trace: bool = False
+    trace_max_steps: int = 0
     stats_path: str | None = None
     dump_every: int = 0
+    strict_vllm: bool = False
     # Calibrated tau read from `state_path` at `q` (layer -> tau); filled by validation.
     calibrated_tau: tuple[tuple[int, float], ...] | None = field(default=None, compare=False)
 
@@ -402,24 +409,21 @@ class TelltaleConfig:
 def check_request(request: TelltaleConfig, engine: TelltaleConfig, num_layers: int) -> None:
     """Raise ConfigError if a request's settings cannot run on this engine.
 
-    ttts banks and trace buffers (traced and rerank requests) are preallocated for the
-    engine's patched layers; banks also for its TTTS_BANK_K.
+    The per-layer step exists on the engine's patched layers only (it is compiled into
+    them, and ttts banks are allocated for them), so a request acts on a subset of those
+    layers; banks are also sized by the engine's TTTS_BANK_K.
     """
     layers = request.patched_layers(num_layers, source="telltale_layers")
-    buffers = ("ttts banks" if request.method == "ttts" else
-               "traces" if request.method == "rerank" or (request.trace
-                                                          and request.method != "off") else None)
-    if buffers is None:
+    if request.method == "off":
         return
     engine_layers = engine.patched_layers(num_layers)
     outside = sorted(set(layers) - set(engine_layers))
     if outside:
         raise ConfigError(
-            f"telltale_layers={','.join(map(str, layers))}: {buffers} exist only for the "
-            f"server's PATCHED_LAYERS; allowed: a subset of {list(engine_layers)}")
-    if request.method != "ttts":
-        return
-    if request.ttts_bank_k > engine.ttts_bank_k:
+            f"telltale_layers={','.join(map(str, layers))}: layers {outside} are not patched "
+            f"on this engine; allowed: a subset of its PATCHED_LAYERS {list(engine_layers)} "
+            "(start the engine with PATCHED_LAYERS covering every layer requests may use)")
+    if request.method == "ttts" and request.ttts_bank_k > engine.ttts_bank_k:
         raise ConfigError(
             f"telltale_bank_k={request.ttts_bank_k}: banks are preallocated; allowed: "
             f"<= the server's TTTS_BANK_K={engine.ttts_bank_k}")

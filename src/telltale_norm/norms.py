@@ -21,18 +21,18 @@ def token_norms(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Te
     return torch.linalg.vector_norm(residual_stream(hidden, residual), dim=-1)
 
 
-def scale_residual_stream_(hidden: torch.Tensor, residual: torch.Tensor | None,
-                           factor: torch.Tensor) -> None:
-    """Make `x <- factor * x` per token by editing `hidden` in place.
+def scale_residual_stream(hidden: torch.Tensor, residual: torch.Tensor | None,
+                          factor: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The `hidden` that makes `x <- factor * x` for the `chosen` tokens.
 
     `hidden_new = factor * x - residual = factor * hidden + (factor - 1) * residual`,
-    computed in float32; tokens with factor 1 keep their exact bits.
+    computed in float32; the other tokens keep their exact bits.
     """
     f = factor.unsqueeze(-1)
     new = hidden.float() * f
     if residual is not None:
         new = new + residual.float() * (f - 1.0)
-    hidden.copy_(new.to(hidden.dtype))
+    return torch.where(chosen.unsqueeze(-1), new.to(hidden.dtype), hidden)
 
 
 def shifted_residual_stream(hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

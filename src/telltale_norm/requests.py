@@ -1,9 +1,13 @@
-"""Per-request settings and state, keyed by request id, stored in slot-indexed tensors.
+"""Per-request settings and state, keyed by request id, stored in slot-indexed tables.
 
-Every live request owns one slot. Its settings (method, hyperparameters, per-layer tau and
-layer mask, seed) are written once when it is admitted; each method keeps its own per-request
-state in buffers registered here, which grow with the pool and are reset on admission. A step
-then only needs one index tensor (token -> slot) to gather everything per token.
+Every live request owns one of a fixed number of slots (the engine's `max_num_seqs`), plus
+one spare *null* slot that padding tokens point at: it is never admitted, so its method is
+`off` and writes aimed at it are harmless. A request's settings (method, hyperparameters,
+per-layer tau and layer mask, seed) are written once on the host when it is admitted and
+reach the device in one copy per table per step (`sync`). Each method keeps its own
+per-request state in buffers registered here. Every device tensor is allocated once, at a
+fixed address, before vLLM sizes its KV cache: nothing grows under load, and compiled
+graphs and CUDA graphs can keep pointing at them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ PARAM_COLUMNS = (
 )
 COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}
 METHOD_ID = {name: i for i, name in enumerate(METHODS)}
+OFF = METHOD_ID["off"]
 
 
 @dataclass(frozen=True)
@@ -73,65 +78,50 @@ def request_row(cfg: TelltaleConfig, num_layers: int, seed: int) -> RequestRow:
 
 
 class RequestStates:
-    """Slot store of live requests: settings tables plus per-method state buffers."""
+    """Slot store of live requests: settings tables (host and device) plus per-method state
+    buffers, all of `capacity + 1` rows (the last is the null slot)."""
 
-    def __init__(self, num_layers: int, device: torch.device | str = "cpu",
-                 capacity: int = 64) -> None:
+    def __init__(self, num_layers: int, capacity: int, device: torch.device | str = "cpu"
+                 ) -> None:
         self.num_layers = num_layers
+        self.capacity = capacity
+        self.null_slot = capacity
         self.device = torch.device(device)
         self._slots: dict[str, int] = {}
-        self._free: list[int] = []
-        self.capacity = 0
-        # name -> (tensor [capacity, *shape], fill value)
+        self._free = list(range(capacity - 1, -1, -1))
+        self._admitted: list[int] = []  # slots whose device rows are stale (see `sync`)
+        rows = capacity + 1
+        # settings tables: host copies (read by per-step decisions) mirrored on the device
+        self.method = np.full(rows, OFF, dtype=np.int64)
+        self.params = np.zeros((rows, len(PARAM_COLUMNS)), dtype=np.float32)
+        self.tau = np.full((rows, num_layers), math.nan, dtype=np.float32)
+        self.layers = np.zeros((rows, num_layers), dtype=bool)  # acts on the layer (not off)
+        self.seed = np.zeros(rows, dtype=np.int64)
+        self.tables = {name: torch.from_numpy(getattr(self, name)).to(self.device)
+                       for name in ("method", "params", "tau", "layers", "seed")}
+        # host-only bookkeeping
+        self.high_water = np.full(rows, -1, dtype=np.int64)
+        self.prompt_len = np.zeros(rows, dtype=np.int64)
+        self.traced = np.zeros(rows, dtype=bool)
+        # name -> (tensor [rows, *shape], fill value) of per-method state
         self._buffers: dict[str, tuple[torch.Tensor, float]] = {}
-        self.method = np.zeros(0, dtype=np.int64)  # host copies for per-step decisions
-        self.layers_host = np.zeros((0, num_layers), dtype=bool)
-        self.adaptive_host = np.zeros((0, num_layers), dtype=bool)  # patched, tau not fixed
-        self.high_water = np.zeros(0, dtype=np.int64)
-        self.prompt_len = np.zeros(0, dtype=np.int64)
-        self.traced = np.zeros(0, dtype=bool)
-        self.random_suppress = np.zeros(0, dtype=bool)  # suppress in random mode: draws
-        self.register_buffer("params", (len(PARAM_COLUMNS),), torch.float32)
-        self.register_buffer("tau", (num_layers,), torch.float32, math.nan)
-        self.register_buffer("layers", (num_layers,), torch.bool)
-        self.register_buffer("seed", (), torch.int64)
-        self._grow(capacity)
 
     # ------------------------------------------------------------ buffers
     def register_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                         fill: float = 0) -> torch.Tensor:
-        """Add a per-slot state tensor `[capacity, *shape]`, reset to `fill` on admission."""
-        if name not in self._buffers:
-            tensor = torch.full((self.capacity, *shape), fill, dtype=dtype, device=self.device)
-            self._buffers[name] = (tensor, fill)
-        return self._buffers[name][0]
+        """Add a per-slot state tensor `[capacity + 1, *shape]`, reset to `fill` on
+        admission."""
+        tensor = torch.full((self.capacity + 1, *shape), fill, dtype=dtype, device=self.device)
+        self._buffers[name] = (tensor, fill)
+        return tensor
 
     def buffer(self, name: str) -> torch.Tensor:
         return self._buffers[name][0]
 
-    def buffer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t, _ in self._buffers.values())
-
-    def _grow(self, capacity: int) -> None:
-        old = self.capacity
-        for name, (tensor, fill) in self._buffers.items():
-            bigger = torch.full((capacity, *tensor.shape[1:]), fill, dtype=tensor.dtype,
-                                device=self.device)
-            bigger[:old] = tensor
-            self._buffers[name] = (bigger, fill)
-        self.method = np.concatenate([self.method, np.zeros(capacity - old, dtype=np.int64)])
-        self.layers_host = np.concatenate(
-            [self.layers_host, np.zeros((capacity - old, self.num_layers), dtype=bool)])
-        self.adaptive_host = np.concatenate(
-            [self.adaptive_host, np.zeros((capacity - old, self.num_layers), dtype=bool)])
-        self.high_water = np.concatenate(
-            [self.high_water, np.full(capacity - old, -1, dtype=np.int64)])
-        self.prompt_len = np.concatenate([self.prompt_len, np.zeros(capacity - old, np.int64)])
-        self.traced = np.concatenate([self.traced, np.zeros(capacity - old, dtype=bool)])
-        self.random_suppress = np.concatenate(
-            [self.random_suppress, np.zeros(capacity - old, dtype=bool)])
-        self._free.extend(range(capacity - 1, old - 1, -1))
-        self.capacity = capacity
+    def nbytes(self) -> int:
+        """Device bytes of the tables and every registered buffer."""
+        tensors = [*self.tables.values(), *(t for t, _ in self._buffers.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------ lifecycle
     def __len__(self) -> int:
@@ -140,43 +130,49 @@ class RequestStates:
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._slots
 
-    def live_methods(self) -> np.ndarray:
-        """The method id of every live request."""
-        return self.method[list(self._slots.values())]
+    def live_slots(self) -> list[int]:
+        return list(self._slots.values())
 
     def slot(self, req_id: str) -> int | None:
         return self._slots.get(req_id)
 
-    def admit(self, req_id: str, row: RequestRow, prompt_len: int) -> int:
-        """Give `req_id` a slot holding `row`, with every state buffer reset."""
+    def admit(self, req_id: str, row: RequestRow, prompt_len: int) -> int | None:
+        """Give `req_id` a slot holding `row` (None when every slot is taken)."""
         if not self._free:
-            self._grow(self.capacity * 2)
+            return None
         slot = self._free.pop()
         self._slots[req_id] = slot
-        for tensor, fill in self._buffers.values():
-            tensor[slot].fill_(fill)
-        self.buffer("params")[slot] = torch.from_numpy(row.params).to(self.device)
-        self.buffer("tau")[slot] = torch.from_numpy(row.tau).to(self.device)
-        self.buffer("layers")[slot] = torch.from_numpy(row.layers).to(self.device)
-        self.buffer("seed")[slot] = row.seed
         self.method[slot] = row.method
-        self.layers_host[slot] = row.layers & (row.method != METHOD_ID["off"])
-        self.adaptive_host[slot] = self.layers_host[slot] & np.isnan(row.tau)
+        self.params[slot] = row.params
+        self.tau[slot] = row.tau
+        self.layers[slot] = row.layers & (row.method != OFF)
+        self.seed[slot] = row.seed
         self.high_water[slot] = -1
         self.prompt_len[slot] = prompt_len
-        self.traced[slot] = row.trace and row.method != METHOD_ID["off"]
-        self.random_suppress[slot] = (row.method == METHOD_ID["suppress"]
-                                      and row.params[COL["suppress_random"]] > 0)
+        self.traced[slot] = row.trace and row.method != OFF
+        self._admitted.append(slot)
         return slot
 
     def release(self, req_id: str) -> int | None:
-        """Free the slot of `req_id` (no-op for unknown ids); returns the freed slot."""
+        """Free the slot of `req_id` (no-op for unknown ids); returns the freed slot. Its
+        device rows are left as they are: no token points at a free slot."""
         slot = self._slots.pop(req_id, None)
         if slot is not None:
-            self.method[slot] = METHOD_ID["off"]
-            self.layers_host[slot] = False
-            self.adaptive_host[slot] = False
+            self.method[slot] = OFF
+            self.layers[slot] = False
             self.traced[slot] = False
-            self.random_suppress[slot] = False
             self._free.append(slot)
         return slot
+
+    def sync(self) -> None:
+        """Bring the device tables up to date and reset the state of the slots admitted since
+        the last call: one copy per table, one fill per buffer, once per step at most."""
+        if not self._admitted:
+            return
+        for name, table in self.tables.items():
+            table.copy_(torch.from_numpy(getattr(self, name)), non_blocking=True)
+        slots = torch.tensor(self._admitted, dtype=torch.int64).to(self.device,
+                                                                    non_blocking=True)
+        for tensor, fill in self._buffers.values():
+            tensor.index_fill_(0, slots, fill)
+        self._admitted.clear()

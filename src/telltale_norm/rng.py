@@ -2,7 +2,8 @@
 
 A draw depends only on the request's seed and the token's place in its own sequence, never on
 the batch it happens to share a step with, so seeded runs repeat under continuous batching.
-It is a few integer tensor ops: no generator state, no host synchronisation.
+It is a dozen integer tensor ops: no generator state, no host synchronisation, and nothing
+that depends on data, so it runs inside compiled graphs and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -24,17 +25,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(seed: torch.Tensor, stream: int, layer: int, position: torch.Tensor) -> torch.Tensor:
-    """Uniform floats in [0, 1), one per element of the int64 tensors `seed` and `position`."""
-    layers = torch.tensor([layer], dtype=torch.int64, device=seed.device)
-    return uniform_per_layer(seed, stream, layers, position).squeeze(-1)
-
-
-def uniform_per_layer(seed: torch.Tensor, stream: int, layers: torch.Tensor,
-                      position: torch.Tensor) -> torch.Tensor:
-    """The draws of every token (`seed`, `position`: `[N]`) on every layer of `layers`
-    (`[L]`): `[N, L]`, equal to `uniform` layer by layer. One step's draws for all layers
-    at once: a dozen integer operations per step instead of per layer."""
+    """Uniform floats in [0, 1), one per element of the int64 tensors `seed` and `position`.
+    The layer enters as a Python constant: no tensor is built from host data."""
     key = _mix32((seed.long() & _MASK32) ^ (stream * 0x9E3779B1 & _MASK32))
-    key = _mix32(key.unsqueeze(-1) ^ (layers.long() * 0x7F4A7C15 & _MASK32))
-    key = _mix32(key ^ (position.long() & _MASK32).unsqueeze(-1))
-    return key.double().div(2.0**32).float().clamp_(max=1.0 - 2.0**-24)
+    key = _mix32(key ^ (layer * 0x7F4A7C15 & _MASK32))
+    key = _mix32(key ^ (position.long() & _MASK32))
+    return key.double().div(2.0**32).float().clamp(max=1.0 - 2.0**-24)

@@ -33,6 +33,8 @@ class StreamingQuantiles:
         self.width = (_LOG_HI - _LOG_LO) / bins
         self.counts = torch.zeros(num_layers, bins, dtype=torch.float64, device=device)
         self.sum = torch.zeros(num_layers, dtype=torch.float64, device=device)
+        # made once: a tensor built from host data on every layer would copy to the device
+        self._quartile_q = torch.tensor([0.25, 0.75], dtype=torch.float64, device=device)
 
     @property
     def total(self) -> torch.Tensor:
@@ -46,6 +48,18 @@ class StreamingQuantiles:
         idx = v.clamp_min(1e-30).log_().sub_(_LOG_LO).div_(self.width).long()
         self.counts[layer].index_add_(0, idx.clamp_(0, self.bins - 1), w)
         self.sum[layer] += v.dot(w)
+
+    def quartiles(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q1 and Q3 of the layer's values (device scalars, NaN while empty)."""
+        q1, q3 = self.quantiles(layer, self._quartile_q)
+        return q1, q3
+
+    def reset(self) -> None:
+        self.counts.zero_()
+        self.sum.zero_()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.counts, self.sum))
 
     def quantiles(self, layer: int, qs: torch.Tensor | list[float]) -> torch.Tensor:
         """Estimates of the `qs` quantiles (numpy's 'linear' definition) of layer's values.

@@ -1,9 +1,12 @@
 """Per-request norm traces: each decode step's norm, tau and intervention, per patched layer.
 
-A traced request (`VLLM_PATCH_TRACE=1` / `telltale_trace=1`, and always under `rerank`) owns
-rows of a preallocated device buffer indexed by (slot, decode step, layer); writes are
-scatter ops with no host synchronisation (untraced tokens land in a spare row). When the
-request finishes, its rows are copied to the host once and kept in an outbox for the caller.
+Every patched layer writes its tokens' (norm, tau, action) into one fixed device buffer, the
+step's *record* `[tokens, patched layers, 3]` (a slice write, no scatter). After the forward,
+a step with traced tokens (`VLLM_PATCH_TRACE=1` / `telltale_trace=1`, and always under
+`rerank`) copies its rows to the host without waiting; the copy is read at the next step,
+after vLLM's own per-step synchronisation, and appended to each traced request's trace. So
+traces take no device memory per request and need no host synchronisation of their own.
+When a request finishes, its trace moves to an outbox for the caller.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from telltale_norm.batch import StepPlan
 from telltale_norm.requests import RequestStates
 
 # Bits of the `action` channel.
@@ -25,6 +29,7 @@ ACTION_INJECT = 4
 ACTION_NAMES = {ACTION_SUPPRESS: "suppress", ACTION_RERUN: "rerun", ACTION_INJECT: "inject"}
 
 OUTBOX_LIMIT = 10_000
+NORM, TAU, ACTION = range(3)  # channels of the record
 
 
 @dataclass(frozen=True)
@@ -56,57 +61,77 @@ class RequestTrace:
                    int(data.get("index", 0)), data.get("scores"))
 
 
-class TraceRecorder:
-    """Device buffers of traced requests, and the outbox of finished ones."""
+@dataclass
+class _Pending:
+    """A step's record on its way to the host, and which of its rows to keep."""
 
-    def __init__(self, states: RequestStates, layers: tuple[int, ...], max_len: int) -> None:
+    rows: torch.Tensor  # [tokens, layers, 3] on the host (filled once `ready` is done)
+    ready: torch.cuda.Event | None
+    token: np.ndarray  # index of each kept token in the step
+    slot: np.ndarray
+    decode_step: np.ndarray
+
+
+class TraceRecorder:
+    """The step's record buffer, the host traces of live traced requests, and the outbox."""
+
+    def __init__(self, states: RequestStates, layers: tuple[int, ...], max_tokens: int,
+                 max_steps: int, device: torch.device) -> None:
         self.states = states
         self.layers = layers
-        self.max_len = max_len
+        self.max_steps = max_steps
         self.column = {layer: i for i, layer in enumerate(layers)}
+        self.record = torch.zeros(max_tokens, len(layers), 3, dtype=torch.float32,
+                                  device=device)
+        pin = device.type == "cuda"
+        self._host = torch.zeros(max_tokens, len(layers), 3, dtype=torch.float32,
+                                 pin_memory=pin)
+        self._pending: _Pending | None = None
+        self._steps: dict[int, list[np.ndarray]] = {}  # slot -> recorded rows [layers, 3]
         self.outbox: OrderedDict[str, RequestTrace] = OrderedDict()
-        self.dropped = 0
-        self._allocated = False
+        self.dropped = 0  # traces dropped from a full outbox
+        self.steps_dropped = 0  # decode steps past VLLM_PATCH_TRACE_MAX_STEPS
 
-    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self._allocated:  # allocated on first use: untraced engines pay nothing
-            shape = (self.max_len + 1, len(self.layers))  # +1: the spare row
-            self.states.register_buffer("trace_norm", shape, torch.float32)
-            self.states.register_buffer("trace_tau", shape, torch.float32)
-            self.states.register_buffer("trace_action", shape, torch.uint8)
-            self._allocated = True
-        return (self.states.buffer("trace_norm"), self.states.buffer("trace_tau"),
-                self.states.buffer("trace_action"))
-
-    def row_index(self, traced: np.ndarray, decode: np.ndarray,
-                  decode_step: np.ndarray) -> np.ndarray:
-        """Per token: its trace row, or the spare row when it is not recorded."""
-        keep = traced & decode & (decode_step >= 0) & (decode_step < self.max_len)
-        return np.where(keep, decode_step, self.max_len)
-
-    def record(self, layer: int, slot: torch.Tensor, row: torch.Tensor, keep: torch.Tensor,
-               norms: torch.Tensor, tau: torch.Tensor, action: torch.Tensor) -> None:
-        """Write one layer's values of the step; tokens not in `keep` (their request is not
-        patched on this layer) go to the spare row, so a trace never depends on neighbours."""
-        column = self.column.get(layer)
-        if column is None:
+    def end_step(self, plan: StepPlan) -> None:
+        """Start copying the step's record to the host if it has traced decode tokens."""
+        keep = plan.decode & self.states.traced[plan.token_slot]
+        if not keep.any():
             return
-        norm_buf, tau_buf, action_buf = self._buffers()
-        row = torch.where(keep, row, self.max_len)
-        norm_buf[slot, row, column] = norms
-        tau_buf[slot, row, column] = tau.float()
-        action_buf[slot, row, column] = action.to(torch.uint8)
+        token = np.flatnonzero(keep)
+        t = plan.num_tokens
+        rows = self._host[:t]
+        rows.copy_(self.record[:t], non_blocking=True)
+        ready = None
+        if self.record.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        self._pending = _Pending(rows, ready, token, plan.token_slot[token],
+                                 plan.decode_step[token])
 
-    def finish(self, req_id: str, slot: int, num_steps: int,
+    def collect(self) -> None:
+        """Append the last step's copied rows to their requests' traces."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.ready is not None:
+            pending.ready.synchronize()  # done already: vLLM synchronised after the step
+        rows = pending.rows.numpy()[pending.token]
+        for slot, step, row in zip(pending.slot.tolist(), pending.decode_step.tolist(), rows):
+            steps = self._steps.setdefault(slot, [])
+            if step >= self.max_steps:
+                self.steps_dropped += 1
+            elif step == len(steps):  # the next decode step (never one seen before)
+                steps.append(row.copy())
+
+    def finish(self, req_id: str, slot: int,
                scorer: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None) -> None:
-        """Move a finished request's first `num_steps` rows, on its own layers, to the
-        outbox, scored by `scorer(norm, tau)` when given (one device-to-host copy)."""
-        norm_buf, tau_buf, action_buf = self._buffers()
-        n = max(0, min(num_steps, self.max_len))
-        own = [i for i, layer in enumerate(self.layers) if self.states.layers_host[slot, layer]]
-        # Copies: on the CPU `.cpu()` would return a view of the slot, reused by the next request.
-        norm, tau, action = (buf[slot, :n][:, own].to("cpu", copy=True).numpy()
-                             for buf in (norm_buf, tau_buf, action_buf))
+        """Move a finished request's trace, on its own layers, to the outbox, scored by
+        `scorer(norm, tau)` when given."""
+        rows = self._steps.pop(slot, [])
+        data = (np.stack(rows) if rows else np.zeros((0, len(self.layers), 3), np.float32))
+        own = [i for i, layer in enumerate(self.layers) if self.states.layers[slot, layer]]
+        norm, tau = data[:, own, NORM], data[:, own, TAU]
+        action = data[:, own, ACTION].astype(np.uint8)
         layers = tuple(self.layers[i] for i in own)
         self.outbox[req_id] = RequestTrace(req_id, layers, norm, tau, action,
                                            scores=scorer(norm, tau) if scorer else None)
@@ -114,7 +139,13 @@ class TraceRecorder:
             self.outbox.popitem(last=False)
             self.dropped += 1
 
+    def discard(self, slot: int) -> None:
+        self._steps.pop(slot, None)
+
     def take(self, wanted: Callable[[str], bool] | None = None) -> list[RequestTrace]:
         """Remove and return the finished traces whose id is `wanted` (all when None)."""
         keys = [key for key in self.outbox if wanted is None or wanted(key)]
         return [self.outbox.pop(key) for key in keys]
+
+    def nbytes(self) -> int:
+        return self.record.numel() * self.record.element_size()

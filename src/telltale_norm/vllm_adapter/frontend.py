@@ -1,8 +1,9 @@
 """Frontend-side patches (the process that builds the engine config and accepts requests).
 
 - `EngineArgs.create_engine_config`: validate the environment against the real model (layer
-  range) before any engine process starts; put the config into vLLM's compile-cache key; on
-  CUDA, keep our op outside CUDA graphs; select the V1 model runner.
+  range) before any engine process starts; put the config into vLLM's compile-cache key;
+  adapt or refuse the deployment's settings (`deployment.py`: async scheduling, CUDA graphs,
+  model runner, speculative decoding, ...).
 - `InputProcessor._validate_params`: reject a request with bad `telltale_*` settings with a
   400-class error for that request alone, before it reaches a worker.
 - `InputProcessor.process_inputs`: give requests whose method edits hidden states their own
@@ -17,12 +18,9 @@ import functools
 import hashlib
 import json
 import logging
-import os
-
-from vllm.exceptions import VLLMValidationError
 
 from telltale_norm.config import REQUEST_PREFIX, ConfigError, TelltaleConfig, check_request
-from telltale_norm.vllm_adapter.patching import on_import, patch_method
+from telltale_norm.vllm_adapter import deployment, internals
 
 logger = logging.getLogger("vllm.telltale_norm")
 
@@ -30,7 +28,7 @@ logger = logging.getLogger("vllm.telltale_norm")
 CONFIG_KEY = "telltale_norm"
 
 
-class RequestSettingsError(VLLMValidationError, ValueError):
+class RequestSettingsError(internals.require("VLLMValidationError"), ValueError):
     """Bad `telltale_*` request settings: HTTP 400 in the server, a ValueError offline."""
 
 
@@ -61,13 +59,10 @@ def _create_engine_config(original):
         # so a graph compiled without the op, or for other settings, is never reused.
         self.additional_config = {**(self.additional_config or {}),
                                   CONFIG_KEY: config.to_env()}
-        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
-            # Model Runner V2 (the GPU default) keeps no per-request extra_args and replays
-            # full CUDA graphs without a forward context: telltale-norm needs V1.
-            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        deployment.prepare(self)
         vllm_config = original(self, *args, **kwargs)
         layers = config.patched_layers(_num_layers(vllm_config.model_config))
-        _keep_op_out_of_cuda_graphs(vllm_config)
+        deployment.adapt(vllm_config)
         logger.info("telltale-norm: VLLM_PATCH=%s on layers %s (%s)", config.method,
                     list(layers), _tau_summary(config))
         return vllm_config
@@ -81,26 +76,6 @@ def _tau_summary(config: TelltaleConfig) -> str:
         return "fixed tau " + json.dumps({str(k): round(v, 3) for k, v in fixed.items()})
     return (f"adaptive tau, IQR k={config.adaptive_iqr_k}, warm-up "
             f"{config.warmup_steps} decode steps")
-
-
-def _keep_op_out_of_cuda_graphs(vllm_config) -> None:
-    from vllm.config import CompilationMode, CUDAGraphMode
-    from vllm.platforms import current_platform
-
-    from telltale_norm.vllm_adapter.op import OP_NAME
-
-    cc = vllm_config.compilation_config
-    if not current_platform.is_cuda_alike() or cc.mode != CompilationMode.VLLM_COMPILE:
-        return
-    # Our op must run as Python every step: split the graph at it (keeping vLLM's own
-    # splitting ops) and capture piecewise CUDA graphs only, since a full graph replays
-    # without running any Python.
-    if cc.splitting_ops is not None and OP_NAME not in cc.splitting_ops:
-        cc.splitting_ops.append(OP_NAME)
-    if cc.cudagraph_mode not in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
-        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
-        logger.info("telltale-norm: CUDA graphs set to PIECEWISE so %s runs every step",
-                    OP_NAME)
 
 
 def _validate_params(original):
@@ -170,12 +145,8 @@ def _generate(original):
 
 def install() -> None:
     """Install the frontend patches (idempotent)."""
-    on_import("vllm.engine.arg_utils", lambda module: patch_method(
-        module.EngineArgs, "create_engine_config", _create_engine_config))
-    on_import("vllm.v1.engine.input_processor", lambda module: patch_method(
-        module.InputProcessor, "_validate_params", _validate_params))
-    on_import("vllm.v1.engine.input_processor", lambda module: patch_method(
-        module.InputProcessor, "process_inputs", _process_inputs))
+    internals.patch("EngineArgs.create_engine_config", _create_engine_config)
+    internals.patch("InputProcessor._validate_params", _validate_params)
+    internals.patch("InputProcessor.process_inputs", _process_inputs)
     # VLLM_PATCH_DUMP_EVERY counts offline generate calls (lm-eval's included).
-    on_import("vllm.entrypoints.llm", lambda module: patch_method(
-        module.LLM, "generate", _generate))
+    internals.patch("LLM.generate", _generate)

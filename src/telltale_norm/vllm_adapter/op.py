@@ -13,7 +13,7 @@ import functools
 import torch
 from torch.library import Library
 
-from telltale_norm.vllm_adapter import state
+from telltale_norm.vllm_adapter import internals, state
 from telltale_norm.vllm_adapter.rerun import rerun_layer
 
 OP_NAME = "telltale::layer_step"
@@ -36,9 +36,7 @@ def _layer_step_fake(hidden: torch.Tensor, residual: torch.Tensor, positions: to
 def _register() -> None:
     if hasattr(torch.ops.telltale, "layer_step"):
         return
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    direct_register_custom_op(
+    internals.require("direct_register_custom_op")(
         op_name="layer_step",
         op_func=_layer_step,
         mutates_args=["hidden", "residual"],

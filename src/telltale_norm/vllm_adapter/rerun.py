@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from telltale_norm.vllm_adapter import internals
+
 
 class RerunUnsupportedError(RuntimeError):
     """The attention backend writes the KV cache inside its forward."""
@@ -42,9 +44,7 @@ def check_rerun_supported(layer: nn.Module) -> None:
 def rerun_layer(layer: nn.Module, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `layer` (its unwrapped forward) on the given state with its KV writes hidden."""
-    from vllm.forward_context import get_forward_context
-
-    slot_mapping = get_forward_context().slot_mapping
+    slot_mapping = internals.require("get_forward_context")().slot_mapping
     if not isinstance(slot_mapping, dict):
         raise RerunUnsupportedError("loop (ALRR) does not support micro-batched steps")
     saved = {name: slot_mapping.pop(name) for name in layer._telltale_attention_names

@@ -17,7 +17,7 @@ from typing import Any
 from telltale_norm.config import normalize_method
 from telltale_norm.methods.rerank import best_index
 from telltale_norm.vllm_adapter.frontend import engine_config
-from telltale_norm.vllm_adapter.patching import on_import, patch_method
+from telltale_norm.vllm_adapter import internals
 
 SCORE_TIMEOUT_S = 30.0
 
@@ -68,5 +68,4 @@ def _create_completion(original):
 
 def install() -> None:
     """Patch the completion endpoint in the process that imports it (the API server)."""
-    on_import("vllm.entrypoints.openai.completion.serving", lambda module: patch_method(
-        module.OpenAIServingCompletion, "create_completion", _create_completion))
+    internals.patch("OpenAIServingCompletion.create_completion", _create_completion)

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from telltale_norm.methods.loop import Agree, union_over
 from telltale_norm.runtime import TelltaleRuntime
 from telltale_norm.thresholds import calibration_record
-from telltale_norm.vllm_adapter import state
+from telltale_norm.vllm_adapter import internals, state
 from telltale_norm.vllm_adapter.frontend import engine_config
-from telltale_norm.vllm_adapter.patching import on_import, patch_method
 from telltale_norm.vllm_adapter.requests import external_request_id
 from telltale_norm.vllm_adapter.rerun import check_rerun_supported
 from telltale_norm.vllm_adapter.layers import find_decoder_layers, wrap_decoder_layers
@@ -48,10 +48,17 @@ def attach(runner: Any) -> None:
     config = engine_config(runner.vllm_config)
     if not config.active:
         return
+    for name in ("SchedulerOutput", "CachedRequestState", "InputBatch", "ForwardContext"):
+        internals.require(name)
     wrapped = wrap_decoder_layers(runner.model)
     num_layers = len(find_decoder_layers(runner.model))
-    runtime = TelltaleRuntime(config, num_layers, runner.device,
-                              max_len=runner.model_config.max_model_len)
+    model_config, scheduler = runner.model_config, runner.vllm_config.scheduler_config
+    # Every buffer is allocated here, after the weights and before vLLM measures the memory
+    # left for its KV cache, so the cache is sized around them.
+    runtime = TelltaleRuntime(
+        config, num_layers, model_config.get_hidden_size(), runner.device, model_config.dtype,
+        max_num_seqs=scheduler.max_num_seqs, max_num_tokens=scheduler.max_num_batched_tokens,
+        max_len=model_config.max_model_len, agree=_tensor_parallel_agreement())
     runner._telltale = runtime
     state.RUNTIME = runtime
     state.LAYERS.clear()
@@ -62,12 +69,18 @@ def attach(runner: Any) -> None:
     if config.stats_path:
         atexit.register(dump_stats, runtime, config.stats_path)
     compiled = runner.vllm_config.compilation_config.mode != 0
-    logger.info(
-        "telltale-norm: VLLM_PATCH=%s wrapped %d decoder layers of %s (default layers %s, "
-        "tau %s, %s)", config.method, len(wrapped), type(runner.model).__name__,
-        list(runtime.patched_layers),
-        "fixed" if config.fixed_tau() else f"adaptive after {config.warmup_steps} steps",
-        "compiled, op runs every step" if compiled else "eager")
+    tau = "fixed" if config.fixed_tau() else f"adaptive after {config.warmup_steps} steps"
+    runtime.start_line = (
+        f"telltale-norm: VLLM_PATCH={config.method} wrapped {len(wrapped)} decoder layers of "
+        f"{type(runner.model).__name__} (default layers {list(runtime.patched_layers)}, tau "
+        f"{tau}, {'compiled, op runs every step' if compiled else 'eager'})")
+    logger.info("%s", runtime.start_line)
+
+
+def _tensor_parallel_agreement() -> Agree | None:
+    """With tensor parallel, loop's re-run decisions are agreed on over the ranks."""
+    group = internals.require("get_tp_group")()
+    return union_over(group.device_group) if group.world_size > 1 else None
 
 
 def _execute_model(original):
@@ -127,10 +140,8 @@ def _runtime_stats(runtime: TelltaleRuntime | None) -> dict[str, Any]:
 
 def _rank() -> int:
     try:
-        from vllm.distributed import get_world_group
-
-        return get_world_group().rank
-    except Exception:  # noqa: BLE001 - no distributed group in this process
+        return internals.require("get_world_group")().rank
+    except AssertionError:  # noqa: BLE001 - no distributed group in this process
         return 0
 
 
@@ -193,25 +204,16 @@ RPC_METHODS = (telltale_stats, telltale_reset_stats, telltale_dump_stats, tellta
                telltale_calibration)
 
 
-def _patch_gpu_runner(module) -> None:
-    cls = module.GPUModelRunner
-    patch_method(cls, "load_model", _after_load)
-    patch_method(cls, "execute_model", _execute_model)
-    patch_method(cls, "_model_forward", _model_forward)
-
-
-def _patch_cpu_runner(module) -> None:
-    # The CPU runner inherits the rest, but overrides load_model without calling super().
-    patch_method(module.CPUModelRunner, "load_model", _after_load)
-
-
-def _add_rpc_methods(module) -> None:
+def _add_rpc_methods(worker_base: type) -> None:
     for method in RPC_METHODS:
-        setattr(module.WorkerBase, method.__name__, method)
+        setattr(worker_base, method.__name__, method)
 
 
 def install() -> None:
     """Install the worker-side patches in the processes that import the model runners."""
-    on_import("vllm.v1.worker.gpu_model_runner", _patch_gpu_runner)
-    on_import("vllm.v1.worker.cpu_model_runner", _patch_cpu_runner)
-    on_import("vllm.v1.worker.worker_base", _add_rpc_methods)
+    internals.patch("GPUModelRunner.load_model", _after_load)
+    internals.patch("GPUModelRunner.execute_model", _execute_model)
+    internals.patch("GPUModelRunner._model_forward", _model_forward)
+    # The CPU runner inherits the rest, but overrides load_model without calling super().
+    internals.patch("CPUModelRunner.load_model", _after_load)
+    internals.when_imported("WorkerBase", _add_rpc_methods)

@@ -1,0 +1,106 @@
+"""One step's bookkeeping: the scheduled batch -> each token's slot, kind and position.
+
+The adapter describes a step with plain per-request arrays in batch order (`plan_step`, on the
+host, once per step). The result is written into fixed device buffers (`StepBuffers`) that the
+per-layer step reads: one host-to-device copy per step, and the buffers never move, so a
+compiled graph or a CUDA graph that reads them sees each step's values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from telltale_norm.requests import METHOD_ID, RequestStates
+
+# Bits of a token's flags.
+DECODE = 1  # a newly decoded output token: observed, counted, edited
+REPLAY = 2  # an output token recomputed after a preemption: edited again, not counted
+TTTS = METHOD_ID["ttts"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A step's tokens on the host (arrays over its `num_tokens` scheduled tokens)."""
+
+    num_tokens: int
+    token_slot: np.ndarray  # int64
+    position: np.ndarray  # int64
+    decode: np.ndarray  # bool
+    replay: np.ndarray  # bool
+    decode_step: np.ndarray  # int64: position - prompt length (the trace row)
+    ttts_rows: np.ndarray  # int64: indices of the decode tokens of ttts requests
+
+    @property
+    def flags(self) -> np.ndarray:
+        return self.decode * DECODE + self.replay * REPLAY
+
+
+def plan_step(states: RequestStates, slots: np.ndarray, num_scheduled: np.ndarray,
+              num_computed: np.ndarray) -> StepPlan:
+    """Map a step's flattened tokens to requests (arrays per request, in batch order).
+
+    A token is a decode token when its position is at or past the request's prompt length
+    and past every position this request had computed before. Output tokens recomputed
+    after a preemption are *replay* tokens. Updates each request's high-water mark.
+    """
+    num_scheduled = np.asarray(num_scheduled, dtype=np.int64)
+    num_computed = np.asarray(num_computed, dtype=np.int64)
+    num_tokens = int(num_scheduled.sum())
+    tok_req = np.repeat(np.arange(len(slots)), num_scheduled)
+    first_tok = np.cumsum(num_scheduled) - num_scheduled
+    position = num_computed[tok_req] + np.arange(num_tokens) - first_tok[tok_req]
+    token_slot = slots[tok_req]
+    output = position >= states.prompt_len[token_slot]
+    fresh = position > states.high_water[token_slot]
+    decode, replay = output & fresh, output & ~fresh
+    states.high_water[slots] = np.maximum(states.high_water[slots],
+                                          num_computed + num_scheduled - 1)
+    ttts_rows = np.flatnonzero(decode & (states.method[token_slot] == TTTS))
+    return StepPlan(num_tokens, token_slot, position, decode, replay,
+                    position - states.prompt_len[token_slot], ttts_rows)
+
+
+class StepBuffers:
+    """Fixed device buffers of per-token step metadata, for up to `max_tokens` tokens.
+
+    Rows past a step's tokens (the padding of a CUDA-graph batch) always hold the null slot
+    and no flags, so the per-layer step may process every row of its input. `ttts_rows`
+    lists the ttts decode tokens first (their count is at most the number of slots); the
+    rest point at token 0 with `ttts_valid` false.
+    """
+
+    FIELDS = ("token_slot", "position", "flags", "ttts_rows")
+
+    def __init__(self, max_tokens: int, null_slot: int, device: torch.device) -> None:
+        self.max_tokens = max_tokens
+        self._null = np.array([null_slot, 0, 0, 0], dtype=np.int64)[:, None]
+        self._host = np.repeat(self._null, max_tokens, axis=1)
+        self._packed = torch.from_numpy(self._host).to(device)
+        for i, name in enumerate(self.FIELDS):
+            setattr(self, name, self._packed[i])
+        self.ttts_valid = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        self._valid_host = np.zeros(max_tokens, dtype=bool)
+        self._written = 0  # rows the last step wrote (reset to null by the next write)
+
+    def write(self, plan: StepPlan) -> None:
+        t = plan.num_tokens
+        if t > self.max_tokens:
+            raise RuntimeError(f"telltale-norm: a step of {t} tokens exceeds the "
+                               f"{self.max_tokens} its buffers were sized for")
+        host = self._host
+        host[:, :self._written] = self._null
+        host[0, :t], host[1, :t], host[2, :t] = plan.token_slot, plan.position, plan.flags
+        host[3, :len(plan.ttts_rows)] = plan.ttts_rows
+        self._valid_host[:self._written] = False
+        self._valid_host[:len(plan.ttts_rows)] = True
+        n = max(t, self._written)
+        self._packed[:, :n].copy_(torch.from_numpy(host[:, :n]), non_blocking=True)
+        self.ttts_valid[:n].copy_(torch.from_numpy(self._valid_host[:n]), non_blocking=True)
+        self._written = t
+
+    def nbytes(self) -> int:
+        return (self._packed.numel() * self._packed.element_size()
+                + self.ttts_valid.numel())
