@@ -197,14 +197,15 @@ def test_snapshot_reports_counters_and_quartiles():
 
 def test_traces_record_decode_steps_and_leave_on_release():
     rt = make_runtime()
-    extra = {"a": {**TAU0, "telltale_trace": 1}, "b": TAU0,
-             "c": {"telltale_method": "rerank", "telltale_tau_json": '{"1": 100, "2": 100}'}}
-    run_step(rt, [("a", 3, 0, 3), ("b", 3, 0, 3), ("c", 3, 0, 3)], extra)  # prefill
+    rerank = {"telltale_method": "rerank", "telltale_tau_json": '{"1": 100, "2": 100}'}
+    extra = {"a": {**TAU0, "telltale_trace": 1}, "b": TAU0, "c": {**rerank, "telltale_trace": 1},
+             "d": rerank}
+    run_step(rt, [(r, 3, 0, 3) for r in "abcd"], extra)  # prefill
     for pos in range(3, 7):  # four decode steps, layer 1 only
-        run_step(rt, [("a", 1, pos, 3), ("b", 1, pos, 3), ("c", 1, pos, 3)])
-    rt.release(["a", "b", "c"])
+        run_step(rt, [(r, 1, pos, 3) for r in "abcd"])
+    rt.release(list("abcd"))
     traces = {t.request_id: t for t in rt.traces.take()}
-    assert set(traces) == {"a", "c"}  # b was not traced
+    assert set(traces) == {"a", "c"}  # b was not traced; d's rows were only pushed
     a = traces["a"]
     assert a.layers == (1, 2) and a.norm.shape == (4, 2)
     assert np.allclose(a.norm[:, 0], 2 * 8**0.5) and (a.norm[:, 1] == 0).all()  # layer 2 idle
@@ -212,3 +213,32 @@ def test_traces_record_decode_steps_and_leave_on_release():
     assert traces["c"].scores["A"] == pytest.approx(4 * 2 * 8**0.5, rel=1e-5)
     assert traces["c"].scores["metric"] == "mean" and (traces["c"].action == 0).all()
     assert rt.traces.take() == []
+    assert rt.snapshot()["rerank_requests"] == 2
+
+
+def test_rerank_rows_are_pushed_once_each_with_the_settings_on_the_first_output():
+    from telltale_norm.push import Candidate
+
+    rt = make_runtime()
+    extra = {"c": {"telltale_method": "rerank", "telltale_tau_json": '{"1": 100}',
+                   "telltale_layers": "1", "telltale_metric": "A"}, "b": TAU0}
+    run_step(rt, [("c", 2, 0, 5), ("b", 3, 0, 3)], extra)  # c's prefill is not done yet
+    assert rt.take_push(lambda rid: rid == "b") == {}  # nothing for b, nothing sampled for c
+    run_step(rt, [("c", 3, 2, 5), ("b", 1, 3, 3)])
+    first = rt.take_push(lambda rid: True)
+    assert list(first) == ["c"] and "rows" not in first["c"]
+    candidate = Candidate(first["c"]["scoring"])
+    assert candidate.scoring["layers"] == [1] and candidate.scoring["metric"] == "A"
+    for pos in range(5, 8):
+        run_step(rt, [("c", 1, pos, 5), ("b", 1, pos - 1, 3)])
+        payload = rt.take_push(lambda rid: True)
+        assert list(payload) == ["c"] and list(payload["c"]) == ["rows"]
+        candidate.add(payload["c"]["rows"])
+    assert rt.take_push(lambda rid: True) == {}  # collected once
+    rows = candidate.rows()
+    assert rows.shape == (3, 1, 2)
+    np.testing.assert_allclose(rows[:, 0, 0], 2 * 8**0.5, rtol=1e-6)
+    assert (rows[:, 0, 1] == 100).all()
+    # four tokens received: the three decode steps; a stop string after two: the first one
+    assert candidate.scores([0] * 5, [7, 8, 9, 10])["A"] == pytest.approx(3 * 2 * 8**0.5)
+    assert candidate.scores([0] * 5, [7, 8])["steps"] == 1

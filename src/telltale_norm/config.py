@@ -20,6 +20,7 @@ from typing import Any
 METHODS = ("off", "monitor", "loop", "ttts", "rerank", "suppress")
 METHOD_ALIASES = {"rr": "loop", "erss": "ttts", "none": "off", "0": "off", "": "off"}
 RERANK_METRICS = ("A", "B", "C", "D", "mean")
+RERANK_SPANS = ("all", "reasoning", "answer")
 REQUEST_PREFIX = "telltale_"
 
 
@@ -133,6 +134,13 @@ def _tau_json(raw: Any) -> tuple[tuple[int, float], ...] | None:
     return tuple(sorted(pairs))
 
 
+def _token_name(raw: Any) -> str:
+    text = str(raw).strip()
+    if not text or any(c.isspace() for c in text):
+        raise ValueError("allowed: one token of the tokenizer, e.g. <think>")
+    return text
+
+
 def _optional_path(raw: Any) -> str | None:
     text = str(raw).strip()
     return text or None
@@ -192,6 +200,15 @@ _SETTINGS_SPEC: list[tuple[str, str, Callable[[Any], Any], bool, str]] = [
     ("RERANK_LAYER_AGG", "rerank_layer_agg", _choice("sum", "mean"), True, "layer_agg"),
     ("RERANK_LATE_FRAC", "rerank_late_frac", _number(float, 0, 1, lo_open=True), True,
      "late_frac"),
+    # server-side best-of: k candidates sampled per prompt, the LRS choice returned
+    ("RERANK_BEST_OF", "rerank_best_of", _number(int, 1, 64), True, "best_of"),
+    # k greedy candidates would be identical: a greedy best-of request samples at this
+    ("RERANK_BEST_OF_TEMPERATURE", "rerank_best_of_temperature",
+     _number(float, 0, lo_open=True), True, "best_of_temperature"),
+    ("RERANK_SPAN", "rerank_span", _choice(*RERANK_SPANS), True, "span"),
+    # reasoning delimiters, resolved to token ids from the tokenizer (engine-wide)
+    ("RERANK_THINK_START", "rerank_think_start", _token_name, False, "think_start"),
+    ("RERANK_THINK_END", "rerank_think_end", _token_name, False, "think_end"),
     ("VLLM_SUPPRESS_MODE", "suppress_mode", _choice("high_norm", "random"), True,
      "suppress_mode"),
     ("VLLM_SUPPRESS_ACTION", "suppress_action", _choice("mul", "clamp"), True,
@@ -264,6 +281,11 @@ class TelltaleConfig:
     rerank_metric: str = "mean"
     rerank_layer_agg: str = "sum"
     rerank_late_frac: float = 0.30
+    rerank_best_of: int = 1
+    rerank_best_of_temperature: float = 0.7
+    rerank_span: str = "all"
+    rerank_think_start: str = "<think>"
+    rerank_think_end: str = "</think>"
     suppress_mode: str = "high_norm"
     suppress_action: str = "mul"
     suppress_mul_scale: float = 0.1

@@ -24,6 +24,7 @@ from telltale_norm.layer import COUNTERS, LayerStep
 from telltale_norm.methods.loop import Agree, Rerun
 from telltale_norm.methods.rerank import candidate_scores
 from telltale_norm.methods.ttts import Banks
+from telltale_norm.push import PushQueue
 from telltale_norm.requests import COL, METHOD_ID, OFF, RequestStates, request_row
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
 from telltale_norm.traces import TraceRecorder
@@ -65,10 +66,15 @@ class TelltaleRuntime:
         self.layer_step = LayerStep(self.states, self.buffers, self.quantiles, counters,
                                     self.banks, self.traces, self._decode_steps,
                                     agree or (lambda mask: mask))
-        self._scorers: dict[int, Callable[[np.ndarray, np.ndarray], dict]] = {}  # rerank slots
+        # rerank requests: rows pushed with the outputs; kept traces scored when they finish
+        self.push = PushQueue(self.patched_layers)
+        self.rerank_requests = 0
+        self._scorers: dict[int, Callable[[np.ndarray, np.ndarray], dict]] = {}
         self._plan: StepPlan | None = None
         self._unpatched: set[str] = set()  # live requests that run on the null slot
         self.start_line = ""  # what the adapter logged when it attached this runtime
+        # layers whose norms this rank records (pipeline parallel: its own stage's)
+        self.owned_layers: frozenset[int] = frozenset(range(num_layers))
 
     # ------------------------------------------------------------ requests
     def admit(self, req_id: str, extra_args: Mapping[str, Any] | None, seed: int | None,
@@ -90,11 +96,22 @@ class TelltaleRuntime:
             return self._unpatched_slot(
                 req_id, f"all {self.states.capacity} slots are taken (more live requests "
                         "than max_num_seqs, e.g. preempted ones)")
-        if row.method == RERANK:  # scored on the host when the request finishes
+        self.traces.admit(slot, keep=cfg.trace and row.method != OFF)
+        if row.method == RERANK:
+            self._admit_rerank(slot, req_id, cfg)
+        return slot
+
+    def _admit_rerank(self, slot: int, req_id: str, cfg: TelltaleConfig) -> None:
+        """Rerank rows travel with the request's outputs (`take_push`); a kept trace is also
+        scored on the host when the request finishes."""
+        self.rerank_requests += 1
+        layers = [layer for layer in self.patched_layers if self.states.layers[slot, layer]]
+        self.push.add(slot, req_id, cfg, [layer for layer in layers
+                                          if layer in self.owned_layers])
+        if cfg.trace:
             self._scorers[slot] = functools.partial(
                 candidate_scores, metric=cfg.rerank_metric, layer_agg=cfg.rerank_layer_agg,
                 late_frac=cfg.rerank_late_frac)
-        return slot
 
     def _unpatched_slot(self, req_id: str, why: str) -> int:
         logger.error("telltale-norm: request %s runs unpatched: %s", req_id, why)
@@ -120,9 +137,19 @@ class TelltaleRuntime:
             if slot is None:
                 continue
             scorer = self._scorers.pop(slot, None)
-            if states.traced[slot]:
+            self.push.discard(slot)
+            if self.traces.kept[slot]:
                 self.traces.finish(req_id, slot, scorer)
+            self.traces.discard(slot)
             states.release(req_id)
+
+    def take_push(self, has_output: Callable[[str], bool]) -> dict[str, dict[str, Any]]:
+        """After the step (vLLM has synchronised): the payload of each rerank request for
+        the step's outputs (`push.py`); `has_output(req_id)`: the step sampled a token."""
+        rows = self.traces.collect()
+        if not len(self.push):
+            return {}
+        return self.push.take(rows, has_output)
 
     # ------------------------------------------------------------ steps
     def begin_step(self, req_ids: Sequence[str], num_scheduled: np.ndarray,
@@ -183,6 +210,7 @@ class TelltaleRuntime:
             counter.zero_()
         self.quantiles.reset()
         self.decode_steps = self.prefill_steps = self.rejected_requests = 0
+        self.rerank_requests = 0
 
     def memory(self) -> dict[str, int]:
         """Device bytes the plugin holds, by owner (all allocated at start)."""
@@ -217,6 +245,7 @@ class TelltaleRuntime:
             "live_requests": len(self.states),
             "slots": self.states.capacity,
             "rejected_requests": self.rejected_requests,
+            "rerank_requests": self.rerank_requests,
             "traces_waiting": len(self.traces.outbox),
             "traces_dropped": self.traces.dropped,
             "trace_steps_dropped": self.traces.steps_dropped,

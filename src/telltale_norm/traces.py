@@ -3,10 +3,11 @@
 Every patched layer writes its tokens' (norm, tau, action) into one fixed device buffer, the
 step's *record* `[tokens, patched layers, 3]` (a slice write, no scatter). After the forward,
 a step with traced tokens (`VLLM_PATCH_TRACE=1` / `telltale_trace=1`, and always under
-`rerank`) copies its rows to the host without waiting; the copy is read at the next step,
-after vLLM's own per-step synchronisation, and appended to each traced request's trace. So
-traces take no device memory per request and need no host synchronisation of their own.
-When a request finishes, its trace moves to an outbox for the caller.
+`rerank`) copies its rows to the host without waiting; the copy is read after vLLM's own
+per-step synchronisation (`collect`, at the end of the step), appended to the traces that are
+*kept* (`telltale_trace=1`) and returned, so rerank rows can travel with the step's outputs
+(`push.py`). So traces take no device memory per request and need no host synchronisation of
+their own. When a kept request finishes, its trace moves to an outbox for the caller.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class TraceRecorder:
                                  pin_memory=pin)
         self._pending: _Pending | None = None
         self._steps: dict[int, list[np.ndarray]] = {}  # slot -> recorded rows [layers, 3]
+        rows = states.capacity + 1
+        self.kept = np.zeros(rows, dtype=bool)  # traces kept for the caller (by slot)
+        self._seen = np.zeros(rows, dtype=np.int64)  # decode steps recorded (by slot)
         self.outbox: OrderedDict[str, RequestTrace] = OrderedDict()
         self.dropped = 0  # traces dropped from a full outbox
         self.steps_dropped = 0  # decode steps past VLLM_PATCH_TRACE_MAX_STEPS
@@ -108,20 +112,31 @@ class TraceRecorder:
         self._pending = _Pending(rows, ready, token, plan.token_slot[token],
                                  plan.decode_step[token])
 
-    def collect(self) -> None:
-        """Append the last step's copied rows to their requests' traces."""
+    def admit(self, slot: int, keep: bool) -> None:
+        """A traced request took `slot`; `keep` its trace for the caller (`take`)."""
+        self.kept[slot] = keep
+        self._seen[slot] = 0
+
+    def collect(self) -> list[tuple[int, np.ndarray]]:
+        """Append the last step's copied rows to the kept traces; returns every new row as
+        (slot, row [layers, 3]) (empty when the step recorded none, or was collected)."""
         pending, self._pending = self._pending, None
         if pending is None:
-            return
+            return []
         if pending.ready is not None:
             pending.ready.synchronize()  # done already: vLLM synchronised after the step
         rows = pending.rows.numpy()[pending.token]
+        new = []
         for slot, step, row in zip(pending.slot.tolist(), pending.decode_step.tolist(), rows):
-            steps = self._steps.setdefault(slot, [])
             if step >= self.max_steps:
                 self.steps_dropped += 1
-            elif step == len(steps):  # the next decode step (never one seen before)
-                steps.append(row.copy())
+            elif step == self._seen[slot]:  # the next decode step (never one seen before)
+                self._seen[slot] += 1
+                row = row.copy()
+                new.append((slot, row))
+                if self.kept[slot]:
+                    self._steps.setdefault(slot, []).append(row)
+        return new
 
     def finish(self, req_id: str, slot: int,
                scorer: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None) -> None:
@@ -141,6 +156,7 @@ class TraceRecorder:
 
     def discard(self, slot: int) -> None:
         self._steps.pop(slot, None)
+        self.kept[slot] = False
 
     def take(self, wanted: Callable[[str], bool] | None = None) -> list[RequestTrace]:
         """Remove and return the finished traces whose id is `wanted` (all when None)."""
