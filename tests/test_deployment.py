@@ -56,7 +56,6 @@ def test_speculative_decoding_is_refused_in_the_engine(llama):
 @pytest.mark.parametrize("kwargs, match", [
     ({"enable_dbo": True}, r"micro-batching \(enable_dbo=True"),
     ({"ubatch_size": 2}, r"micro-batching .*ubatch_size=2"),
-    ({"data_parallel_size": 2}, r"data parallel \(data_parallel_size=2\)"),
     ({"watermark_config": {"key": 1}}, r"Model Runner V2 \(selected by watermark_config\)"),
 ])
 def test_settings_the_plugin_cannot_follow_are_refused(llama, kwargs, match):

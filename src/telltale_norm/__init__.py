@@ -29,6 +29,7 @@ from telltale_norm.config import (
 __all__ = ["ConfigError", "RequestTrace", "TelltaleConfig", "calibration", "configure",
            "reset_stats", "stats", "traces"]
 __version__ = "0.1.0"
+STATS_ROUTE = "/telltale/stats"  # served with VLLM_PLUGINS=telltale_norm (vllm_adapter/server.py)
 
 
 def configure(method: str, layers: Iterable[int] | None = None,
@@ -71,13 +72,34 @@ def _engine_is_patched(llm: Any) -> bool:
 def stats(llm: Any, all_ranks: bool = False) -> dict[str, Any] | list[dict[str, Any]]:
     """Statistics of a `vllm.LLM`'s workers: steps, per-layer counts, norm quartiles, tau.
 
-    Returns rank 0's dict, or one dict per worker with `all_ranks=True`.
+    `llm` may also be a server's URL (`"http://127.0.0.1:8000"`, a server started with
+    `VLLM_PLUGINS=telltale_norm`): its `GET /telltale/stats` lists every worker of every
+    data-parallel engine (each dict has its `dp_rank` and `rank`).
+    Returns the first worker's dict (rank 0 of engine 0), or one dict per worker with
+    `all_ranks=True`.
     """
-    if not _engine_is_patched(llm):
+    if isinstance(llm, str):
+        per_rank = _server_stats(llm)
+    elif not _engine_is_patched(llm):
         per_rank = [{"method": "off"}]  # VLLM_PATCH was off: the engine runs unpatched
     else:
         per_rank = llm.collective_rpc("telltale_stats")
     return per_rank if all_ranks else per_rank[0]
+
+
+def _server_stats(url: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + STATS_ROUTE, timeout=timeout) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            raise RuntimeError(
+                f"{url} has no {STATS_ROUTE}: start the server with VLLM_PLUGINS=telltale_norm "
+                "(vLLM serves plugin routes only when VLLM_PLUGINS names them)") from None
+        raise
 
 
 def reset_stats(llm: Any) -> None:

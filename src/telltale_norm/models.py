@@ -431,6 +431,7 @@ def make_tiny_model(
     *,
     init_std: float = 0.1,
     norm_std: float = 0.1,
+    extra_special_tokens: tuple[str, ...] = (),
 ) -> pathlib.Path:
     """Write a tiny randomly initialised ``arch`` model that vLLM can load into ``path``.
 
@@ -456,7 +457,9 @@ def make_tiny_model(
     prompt-dependent tokens rather than repeating one token.
 
     ``dtype`` (a name or a ``torch.dtype``) is the dtype the weights are saved
-    in and the config's ``dtype``.  Returns ``path`` as a ``pathlib.Path``.
+    in and the config's ``dtype``.  ``extra_special_tokens`` (e.g. ``("<think>",
+    "</think>")``, for reasoning-span tests) are added to the tokenizer as special
+    tokens, at the end of the vocabulary.  Returns ``path`` as a ``pathlib.Path``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -469,6 +472,8 @@ def make_tiny_model(
 
     path = pathlib.Path(path)
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    if extra_special_tokens:
+        tokenizer.add_tokens(list(extra_special_tokens), special_tokens=True)
     special = dict(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

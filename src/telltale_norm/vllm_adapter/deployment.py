@@ -54,11 +54,6 @@ def prepare(args: Any) -> None:
             f"micro-batching (enable_dbo={args.enable_dbo}, ubatch_size={args.ubatch_size})",
             "a micro-batch's tokens are not the step's tokens the plugin maps to requests",
             "Remove --enable-dbo / --ubatch-size")
-    if args.data_parallel_size > 1:
-        raise _refuse(
-            f"data parallel (data_parallel_size={args.data_parallel_size})",
-            "statistics and rerank scores would reach the caller from one engine only",
-            "Use --data-parallel-size 1 (tensor parallel works)")
     if os.environ.get("VLLM_USE_RUST_FRONTEND", "0").strip() not in ("", "0"):
         raise _refuse(
             "the Rust frontend (VLLM_USE_RUST_FRONTEND=1)",

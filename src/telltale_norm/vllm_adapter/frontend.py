@@ -20,7 +20,7 @@ import json
 import logging
 
 from telltale_norm.config import REQUEST_PREFIX, ConfigError, TelltaleConfig, check_request
-from telltale_norm.vllm_adapter import deployment, internals
+from telltale_norm.vllm_adapter import best_of, deployment, internals
 
 logger = logging.getLogger("vllm.telltale_norm")
 
@@ -120,6 +120,7 @@ def _process_inputs(original):
         engine = engine_config(self.vllm_config)
         params = request.sampling_params
         if engine.active and params is not None:
+            best_of.prepare(params, engine, self.tokenizer)  # LRS checks, best-of -> n = k
             salt = kv_cache_salt(engine.with_request(params.extra_args),
                                  _num_layers(self.model_config), params.seed, request_id)
             if salt is not None:

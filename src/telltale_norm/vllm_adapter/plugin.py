@@ -44,8 +44,10 @@ def register() -> None:
     import vllm
 
     check_vllm_version(vllm.__version__, config.strict_vllm)
-    from telltale_norm.vllm_adapter import frontend, server, worker
+    from telltale_norm.vllm_adapter import engine_core, frontend, outputs, server, worker
 
     frontend.install()
     worker.install()
     server.install()
+    engine_core.install()
+    outputs.install()

@@ -8,3 +8,4 @@ from telltale_norm.runtime import TelltaleRuntime
 
 RUNTIME: TelltaleRuntime | None = None
 LAYERS: dict[int, nn.Module] = {}  # wrapped decoder layers by index (re-run by loop)
+DP_RANK = 0  # this worker's data-parallel engine

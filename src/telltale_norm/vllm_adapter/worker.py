@@ -8,6 +8,8 @@ Patched (each original kept as `<name>._telltale_original`):
   next step, which may schedule no tokens and return before the forward).
 - `GPUModelRunner._model_forward`: runs inside the forward context with the final batch
   order; the step's token -> request mapping is built here, once per step.
+- `GPUModelRunner.sample_tokens`: after the step's output is built (and vLLM synchronised),
+  rerank rows ride on it to the engine core (`engine_core.py`).
 - `WorkerBase`: the `RPC_METHODS` (`telltale_stats`, `telltale_traces`, ...) for
   `LLM.collective_rpc`.
 Each is applied when vLLM imports the module, so only processes that use it pay for it.
@@ -26,7 +28,7 @@ import numpy as np
 from telltale_norm.methods.loop import Agree, union_over
 from telltale_norm.runtime import TelltaleRuntime
 from telltale_norm.thresholds import calibration_record
-from telltale_norm.vllm_adapter import internals, state
+from telltale_norm.vllm_adapter import engine_core, internals, state
 from telltale_norm.vllm_adapter.frontend import engine_config
 from telltale_norm.vllm_adapter.requests import external_request_id
 from telltale_norm.vllm_adapter.rerun import check_rerun_supported
@@ -59,7 +61,9 @@ def attach(runner: Any) -> None:
         config, num_layers, model_config.get_hidden_size(), runner.device, model_config.dtype,
         max_num_seqs=scheduler.max_num_seqs, max_num_tokens=scheduler.max_num_batched_tokens,
         max_len=model_config.max_model_len, agree=_tensor_parallel_agreement())
+    runtime.owned_layers = frozenset(index for index, _ in wrapped)  # this pipeline stage's
     runner._telltale = runtime
+    state.DP_RANK = runner.vllm_config.parallel_config.data_parallel_rank
     state.RUNTIME = runtime
     state.LAYERS.clear()
     state.LAYERS.update(wrapped)
@@ -129,12 +133,22 @@ def _model_forward(original):
     return model_forward
 
 
+def _sample_tokens(original):
+    def sample_tokens(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        runtime: TelltaleRuntime | None = getattr(self, "_telltale", None)
+        return output if runtime is None else engine_core.attach_push(runtime, output)
+
+    return sample_tokens
+
+
 # ---------------------------------------------------------------- statistics RPCs
 def _runtime_stats(runtime: TelltaleRuntime | None) -> dict[str, Any]:
     if runtime is None:
         return {"method": "off"}
     stats = runtime.snapshot()
     stats["rank"] = _rank()
+    stats["dp_rank"] = state.DP_RANK
     return stats
 
 
@@ -214,6 +228,7 @@ def install() -> None:
     internals.patch("GPUModelRunner.load_model", _after_load)
     internals.patch("GPUModelRunner.execute_model", _execute_model)
     internals.patch("GPUModelRunner._model_forward", _model_forward)
+    internals.patch("GPUModelRunner.sample_tokens", _sample_tokens)
     # The CPU runner inherits the rest, but overrides load_model without calling super().
     internals.patch("CPUModelRunner.load_model", _after_load)
     internals.when_imported("WorkerBase", _add_rpc_methods)
