@@ -75,7 +75,8 @@ def post(url: str, body: dict, timeout: float = 300) -> tuple[int, Any]:
 class VllmServer:
     """`vllm serve MODEL` on 127.0.0.1 (its own port and process group, eager, fp32)."""
 
-    def __init__(self, model: Path | str, env: dict[str, str], log: Path) -> None:
+    def __init__(self, model: Path | str, env: dict[str, str], log: Path,
+                 args: tuple[str, ...] = ()) -> None:
         self.model = str(model)
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = log
@@ -84,7 +85,8 @@ class VllmServer:
                "--enforce-eager", "--dtype", "float32", "--max-model-len", "512", "--seed", "0",
                # an explicit KV size skips the CPU worker's check that
                # --gpu-memory-utilization of the RAM is free (a loaded machine may not have it)
-               "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(256 << 20)]
+               "--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(256 << 20),
+               *args]
         with log.open("w") as sink:
             self.proc = subprocess.Popen(cmd, env=clean_env(**env), cwd=REPO, stdout=sink,
                                          stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,31 +1,25 @@
-"""rerank (LRS) inside a real vLLM CPU engine and a real `vllm serve` (tiny Llama, eager):
-scores equal an independent recomputation from the recorded norms, every candidate's scores
-belong to that candidate (checked against a plain-PyTorch decoder), the selection is the
-argmax of the configured metric, and the server returns scores and the selection."""
+"""rerank (LRS) inside a real vLLM CPU engine (tiny Llama, eager), offline: the scores that
+arrive with the outputs equal an independent recomputation from the recorded norms, every
+candidate's scores belong to that candidate (checked against a plain-PyTorch decoder), count
+exactly the tokens returned, the selection is the argmax of the configured metric, and
+`LLM.chat` and server-side best-of (`telltale_best_of`) get the same. Over HTTP:
+test_serve_rerank.py."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import numpy as np
 import pytest
-import torch
 from vllm import SamplingParams
 
 import telltale_norm
 from conftest import PROMPTS, greedy, token_ids, vllm_engine, wait_traces
 from reference_decoder import ReferenceDecoder
+from rerank_oracles import (LAYERS, RERANK, TAU, TAU_JSON, assert_scores,
+                            assert_scores_match_reference, expected_scores, reference_norms)
 from telltale_norm import rerank
-
-LAYERS = (1, 2)
-# Near the median decode norm of each layer of the tiny model (layer 1: ~6-10, layer 2:
-# ~8-12.5): every metric (area, count, late area) sees tokens on both sides of tau.
-TAU = {1: 7.6, 2: 10.3}
-TAU_JSON = json.dumps({str(k): v for k, v in TAU.items()})
-RERANK = dict(telltale_method="rerank", telltale_tau_json=TAU_JSON)
-METRICS = ("A", "B", "C", "D", "mean")
 
 
 @pytest.fixture(scope="module")
@@ -38,57 +32,6 @@ def llm(tiny_model):
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     return ReferenceDecoder(tiny_model("llama"))
-
-
-# ---------------------------------------------------------------- independent oracles
-def expected_scores(norm, tau, metric="mean", layer_agg="sum", late_frac=0.3):
-    """SPEC.md "rerank", written out: per layer over the decode steps, then over layers."""
-    norm = np.asarray(norm, dtype=np.float64)
-    tau = np.asarray(tau, dtype=np.float64)
-    steps = norm.shape[0]
-    late = math.ceil(late_frac * steps)  # the last 30 % of the steps, rounded up
-    per_layer = {
-        "A": norm.sum(0),
-        "B": np.clip(norm - tau, 0, None).sum(0),
-        "C": (norm > tau).sum(0).astype(np.float64),
-        "D": np.clip(norm - tau, 0, None)[steps - late:].sum(0),
-        "mean": norm.sum(0) / steps,
-    }
-    agg = np.mean if layer_agg == "mean" else np.sum
-    scores = {name: float(agg(v)) for name, v in per_layer.items()}
-    scores["score"] = scores[metric]
-    return scores
-
-
-def assert_scores(got, want, rtol=1e-5, atol=1e-4):
-    for name in (*METRICS, "score"):
-        assert got[name] == pytest.approx(want[name], rel=rtol, abs=atol), (name, got, want)
-
-
-@torch.no_grad()
-def reference_norms(ref, prompt_ids, tokens):
-    """Norms after each layer at the positions a candidate's decode steps computed: the
-    inputs are its own tokens except the last (the last sampled token is never fed back)."""
-    ids = list(prompt_ids) + list(tokens[:-1])
-    ref.reset()
-    positions = torch.arange(len(ids))
-    x = ref.embed[torch.tensor(ids)]
-    norms = []
-    for i in range(ref.num_layers):
-        x = ref.layer(i, x, positions, write_cache=True)
-        norms.append(torch.linalg.vector_norm(x, dim=-1))
-    return torch.stack(norms, 1)[len(prompt_ids):, list(LAYERS)].numpy()
-
-
-def assert_scores_match_reference(scores, norm, metric="mean"):
-    """Scores of a candidate against those of the reference decoder's norms for its tokens
-    (different arithmetic: float tolerance; C only where no norm is within noise of tau)."""
-    tau = np.float32([[TAU[1], TAU[2]]] * len(norm))
-    want = expected_scores(norm, tau, metric)
-    for name in ("A", "B", "D", "mean"):
-        assert scores[name] == pytest.approx(want[name], rel=1e-4, abs=1e-3), (name, scores)
-    if np.abs(norm - tau).min() > 1e-3:
-        assert scores["C"] == want["C"]
 
 
 # ---------------------------------------------------------------- 1: greedy scores
@@ -133,8 +76,8 @@ def candidates(llm, **extra):
 
 @pytest.fixture(scope="module")
 def sampled(llm):
-    """n = 4 candidates of three concurrent prompts, their traces (rerank implies them)."""
-    outputs = candidates(llm)
+    """n = 4 candidates of three concurrent prompts, and their traces (kept on request)."""
+    outputs = candidates(llm, telltale_trace=1)
     traces = wait_traces(llm, [(o.request_id, c.index) for o in outputs for c in o.outputs])
     return outputs, traces
 
@@ -154,6 +97,7 @@ def test_each_candidates_trace_and_scores_belong_to_it(sampled, reference):
             np.testing.assert_allclose(trace.norm, want, rtol=1e-4, atol=1e-4,
                                        err_msg=f"{out.request_id} candidate {cand.index}")
             assert_scores(trace.scores, expected_scores(trace.norm, trace.tau))
+            assert_scores(cand.telltale_scores, trace.scores)  # pushed: the same rows
 
 
 @pytest.mark.parametrize("settings", [
@@ -196,7 +140,7 @@ def test_ties_go_to_the_lowest_index(llm):
 def test_a_finished_trace_survives_the_next_request(llm, reference):
     """The trace (and scores) of a finished candidate stay as they were when a new request
     takes its worker slot before the caller collects them."""
-    out = llm.generate(PROMPTS[:1], greedy(16, **RERANK), use_tqdm=False)[0]
+    out = llm.generate(PROMPTS[:1], greedy(16, **RERANK, telltale_trace=1), use_tqdm=False)[0]
     deadline = time.monotonic() + 30
     while telltale_norm.stats(llm)["traces_waiting"] == 0:  # finished and released
         assert time.monotonic() < deadline
@@ -209,49 +153,83 @@ def test_a_finished_trace_survives_the_next_request(llm, reference):
     np.testing.assert_array_equal(trace.tau, np.float32([[TAU[1], TAU[2]]] * 15))
 
 
-# ---------------------------------------------------------------- 3: over HTTP
-def complete(server, prompt, xargs=None):
-    status, body = server.complete(prompt, {**RERANK, **(xargs or {})}, max_tokens=12, n=N,
-                                   temperature=0.8, seed=7)
-    assert status == 200, body
-    return body
 
 
-def check_response(resp, prompts, reference, metric="mean"):
-    choices = resp["choices"]
-    assert len(choices) == len(prompts) * N
-    assert [c["index"] for c in choices] == list(range(len(choices)))
-    selected = []
-    for i in range(len(prompts)):
-        group = choices[i * N:(i + 1) * N]
-        assert len({tuple(c["token_ids"]) for c in group}) == N  # a mix-up would show
-        for c in group:
-            scores = c["telltale_scores"]
-            assert set(scores) >= {*METRICS, "score", "metric"}
-            assert scores["metric"] == metric and scores["score"] == scores[metric]
-            # the scores are this choice's: recomputed from its own tokens
-            assert len(c["token_ids"]) == 12
-            norm = reference_norms(reference, c["prompt_token_ids"], c["token_ids"])
-            assert_scores_match_reference(scores, norm, metric)
-        flags = [c["telltale_selected"] for c in group]
-        assert flags.count(True) == 1
-        best = int(np.argmax([c["telltale_scores"]["score"] for c in group]))
-        assert flags.index(True) == best
-        selected.append(i * N + best)
-    assert resp["telltale"] == {"method": "rerank", "selected": selected}
+# ---------------------------------------------------------------- 3: what the caller receives
+def test_scores_count_exactly_the_tokens_a_stop_string_returns(llm):
+    """The engine may run a step past a stop string (the frontend finds it): the scores are
+    those of the tokens the caller got."""
+    monitor = llm.generate(PROMPTS[:1], greedy(16, telltale_tau_json=TAU_JSON,
+                                               telltale_trace=1), use_tqdm=False)[0]
+    trace = wait_traces(llm, [(monitor.request_id, 0)])[(monitor.request_id, 0)]
+    tokens = list(monitor.outputs[0].token_ids)
+    stop = llm.get_tokenizer().decode(tokens[6:8])
+    params = greedy(16, **RERANK)
+    params.stop = [stop]
+    (out,) = llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    got = list(out.outputs[0].token_ids)
+    assert 3 <= len(got) < 16 and got == tokens[:len(got)]  # the stop string cut it short
+    scores = out.outputs[0].telltale_scores
+    assert scores["steps"] == len(got) - 1
+    assert_scores(scores, expected_scores(trace.norm[:len(got) - 1], trace.tau[:len(got) - 1]))
 
 
-def test_server_returns_scores_and_the_selection(monitor_server, reference):
-    resp = complete(monitor_server, PROMPTS[0])
-    check_response(resp, PROMPTS[:1], reference)
+def best_of_params(k=3, **extra):
+    return SamplingParams(temperature=0.8, seed=11, max_tokens=10, ignore_eos=True,
+                          extra_args={"telltale_best_of": k, "telltale_tau_json": TAU_JSON,
+                                      **extra})
 
 
-def test_server_two_prompts_and_a_per_request_metric(monitor_server, reference):
-    resp = complete(monitor_server, PROMPTS[1:3], {"telltale_metric": "A"})
-    check_response(resp, PROMPTS[1:3], reference, metric="A")
+def test_best_of_returns_the_selected_candidate_with_every_candidates_scores(llm):
+    full = llm.generate(PROMPTS[:2], SamplingParams(
+        n=3, temperature=0.8, seed=11, max_tokens=10, ignore_eos=True, extra_args=RERANK),
+        use_tqdm=False)  # the same seeded candidates, all returned
+    best = llm.generate(PROMPTS[:2], best_of_params(), use_tqdm=False)
+    for everything, one, selection in zip(full, best, rerank.select(llm, best)):
+        (only,) = one.outputs
+        candidates = sorted(everything.outputs, key=lambda c: c.index)
+        info = only.telltale_best_of
+        assert info["selected"] == rerank.select(llm, [everything])[0].index == selection.index
+        assert only.index == 0 and only.telltale_selected
+        assert list(only.token_ids) == list(candidates[info["selected"]].token_ids)
+        for cand, entry, scores in zip(candidates, info["candidates"], selection.scores):
+            assert entry["index"] == cand.index
+            assert entry["completion_tokens"] == len(cand.token_ids) == 10
+            assert_scores(entry["telltale_scores"], cand.telltale_scores)
+            assert scores is entry["telltale_scores"]
+        assert len({c["telltale_scores"]["score"] for c in info["candidates"]}) == 3
 
 
-def test_server_leaves_other_methods_alone(monitor_server):
-    resp = complete(monitor_server, PROMPTS[0], {"telltale_method": "monitor"})
-    assert len(resp["choices"]) == N and "telltale" not in resp
-    assert not any("telltale_scores" in c or "telltale_selected" in c for c in resp["choices"])
+def test_a_greedy_best_of_request_samples_its_candidates(llm):
+    params = greedy(10, telltale_best_of=3)
+    params.seed = 5
+    (out,) = llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    (only,) = out.outputs
+    scores = [c["telltale_scores"]["score"] for c in only.telltale_best_of["candidates"]]
+    assert len(set(scores)) == 3  # k greedy candidates would all be the same
+
+
+@pytest.mark.parametrize("params, match", [
+    (SamplingParams(n=2, temperature=0.8, extra_args={"telltale_best_of": 3}), "n=2"),
+    (SamplingParams(temperature=0.8, extra_args={"telltale_best_of": 3,
+                                                 "telltale_method": "loop"}), "got loop"),
+    (SamplingParams(extra_args={"telltale_best_of": 0}), "telltale_best_of=0"),
+])
+def test_bad_best_of_requests_fail_alone(llm, params, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert token_ids(llm.generate(PROMPTS[:1], greedy(4), use_tqdm=False))  # still serving
+
+
+def test_chat_candidates_carry_scores_and_one_selection(llm, reference):
+    conversation = [{"role": "user", "content": "What is 17 + 25?"}]
+    (out,) = llm.chat([conversation], SamplingParams(n=3, temperature=0.8, seed=3,
+                                                     max_tokens=8, ignore_eos=True,
+                                                     extra_args=RERANK), use_tqdm=False)
+    candidates = sorted(out.outputs, key=lambda c: c.index)
+    assert [c.telltale_selected for c in candidates].count(True) == 1
+    (selection,) = rerank.select(llm, [out])
+    assert candidates[selection.index].telltale_selected
+    for cand in candidates:
+        norm = reference_norms(reference, out.prompt_token_ids, cand.token_ids)
+        assert_scores_match_reference(cand.telltale_scores, norm)

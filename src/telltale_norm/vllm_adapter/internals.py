@@ -96,6 +96,8 @@ INTERNALS: tuple[Internal, ...] = (
              "LRS rows into each request's output (every data-parallel engine)",
              params=("scheduler_output", "model_runner_output")),
     Internal("vllm.exceptions", "VLLMValidationError", "HTTP 400 for bad request settings"),
+    Internal("vllm.config", "ParallelConfig", "statistics per data-parallel engine",
+             fields=("data_parallel_index",)),
     Internal("vllm.config", "CompilationMode", "compilation and CUDA-graph checks",
              fields=("NONE", "VLLM_COMPILE")),
     Internal("vllm.config", "CUDAGraphMode", "compilation and CUDA-graph checks",

@@ -63,7 +63,9 @@ def attach(runner: Any) -> None:
         max_len=model_config.max_model_len, agree=_tensor_parallel_agreement())
     runtime.owned_layers = frozenset(index for index, _ in wrapped)  # this pipeline stage's
     runner._telltale = runtime
-    state.DP_RANK = runner.vllm_config.parallel_config.data_parallel_rank
+    # data_parallel_rank reads 0 in engines vLLM runs as independent ones (dense models)
+    internals.require("ParallelConfig")
+    state.DP_RANK = runner.vllm_config.parallel_config.data_parallel_index
     state.RUNTIME = runtime
     state.LAYERS.clear()
     state.LAYERS.update(wrapped)
