@@ -54,6 +54,15 @@ def tiny_model(tmp_path_factory, default_model):
     return make
 
 
+@pytest.fixture(scope="session")
+def think_model(tmp_path_factory, default_model) -> Path:
+    """The tiny Llama with `<think>` and `</think>` added to its tokenizer (reasoning spans)."""
+    from telltale_norm.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-think"), "llama",
+                           extra_special_tokens=("<think>", "</think>"))
+
+
 @contextlib.contextmanager
 def telltale_env(env: Mapping[str, str] | None = None) -> Iterator[None]:
     """Set `env` (and clear the other telltale variables) with the plugin's frontend patches

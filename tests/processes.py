@@ -61,10 +61,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: dict, timeout: float = 300) -> tuple[int, Any]:
+def post(url: str, body: dict, timeout: float = 300,
+         headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """(HTTP status, decoded JSON body); error statuses are returned, not raised."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())

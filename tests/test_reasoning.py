@@ -37,14 +37,10 @@ def test_a_span_needs_delimiters():
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory, tiny_model):
+def tokenizers(think_model, tiny_model):
     from transformers import AutoTokenizer
 
-    from telltale_norm.models import make_tiny_model
-
-    think = make_tiny_model(tmp_path_factory.mktemp("think"), num_layers=1,
-                            extra_special_tokens=("<think>", "</think>"))
-    return AutoTokenizer.from_pretrained(think), AutoTokenizer.from_pretrained(tiny_model())
+    return AutoTokenizer.from_pretrained(think_model), AutoTokenizer.from_pretrained(tiny_model())
 
 
 def test_delimiter_ids_come_from_the_tokenizer(tokenizers):
