@@ -54,6 +54,8 @@ def select(llm: Any, outputs: Sequence[Any]) -> list[Selection]:
         best_of = getattr(candidates[0], "telltale_best_of", None) if candidates else None
         if best_of is not None:  # server-side best-of: the selected candidate alone
             scores = [c["telltale_scores"] for c in best_of["candidates"]]
+            if any(s is None for s in scores):
+                raise _missing(out.request_id)
             selections.append(Selection(out.request_id, best_of["selected"], scores,
                                         candidates[0]))
             continue

@@ -78,18 +78,20 @@ def finish(params: Any, outputs: list[Any]) -> list[Any]:
     """The final candidates of one prompt, with `telltale_selected` set (ties to the lowest
     index); for a best-of request, the selected candidate alone, as choice 0."""
     scores = [getattr(out, "telltale_scores", None) for out in outputs]
-    if any(s is None for s in scores):
-        return outputs  # some candidate ran unpatched: nothing to select on
-    best = best_index([s["score"] for s in scores])
-    for i, out in enumerate(outputs):
-        out.telltale_selected = i == best
+    scored = all(s is not None for s in scores)  # else some candidate ran unpatched
+    best = best_index([s["score"] for s in scores]) if scored else 0
+    if scored:
+        for i, out in enumerate(outputs):
+            out.telltale_selected = i == best
     if best_of(params) <= 1:
         return outputs
-    chosen = outputs[best]
+    chosen = outputs[best]  # the caller asked for one choice: always one
     single = dataclasses.replace(chosen, index=0)
-    single.telltale_scores, single.telltale_selected = chosen.telltale_scores, True
+    if scored:
+        single.telltale_scores, single.telltale_selected = chosen.telltale_scores, True
     single.telltale_best_of = {
         "selected": chosen.index,
-        "candidates": [{"index": out.index, "telltale_scores": out.telltale_scores,
-                        "completion_tokens": len(out.token_ids)} for out in outputs]}
+        "candidates": [{"index": out.index, "telltale_scores": s,
+                        "completion_tokens": len(out.token_ids)}
+                       for out, s in zip(outputs, scores)]}
     return [single]
