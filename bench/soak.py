@@ -19,7 +19,7 @@ Checked, and the exit status is 1 if any check fails:
 - no crash (the engine survives every phase);
 - the live per-request state returns to 0 after every phase (`telltale_norm.stats`:
   live_requests, live_banks, rejected_requests, and traces_waiting once the traces are
-  taken, as `rerank.select` does);
+  taken, as a caller of `telltale_norm.traces` does);
 - preemptions happened in every phase (vLLM's `vllm:num_preemptions` counter);
 - the worker's memory in use is flat after warm-up: its RSS after `malloc_trim` (sampled
   every 25 requests) may grow from the end of the warm-up to the end of the run by at most
@@ -306,7 +306,7 @@ def run_phase(llm, phase: str, n: int, rng: np.random.Generator,
             sample_rss(done)
             next_rss += rss_every
     flush(llm)
-    result.traces_taken = len(telltale_norm.traces(llm))  # what rerank.select would take
+    result.traces_taken = len(telltale_norm.traces(llm))  # what a caller of traces() takes
     result.seconds = time.perf_counter() - start
     sample_rss(n)
     result.preemptions = preemptions(llm) - preempted_before

@@ -127,6 +127,10 @@ BAD_SETTINGS = {
           ["VLLM_PATCH_Q='2'", "allowed: a number > 0 and < 1"]),
     "max_extra": ({"VLLM_PATCH": "loop", "PATCHED_LAYERS": "1,2", "LOOP_MAX_EXTRA": "abc"},
                   ["LOOP_MAX_EXTRA='abc'", "allowed: an integer"]),
+    # the tiny Llama's tokenizer has no <think> / </think>
+    "span": ({"VLLM_PATCH": "rerank", "PATCHED_LAYERS": "1,2", "RERANK_SPAN": "reasoning"},
+             ["RERANK_SPAN=reasoning needs the reasoning delimiters '<think>' and '</think>'",
+              "allowed: RERANK_SPAN=all"]),
 }
 
 

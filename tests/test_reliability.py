@@ -29,7 +29,7 @@ import torch
 from vllm import SamplingParams
 
 import telltale_norm
-from conftest import PROMPTS, greedy, run_staggered, token_ids, vllm_engine
+from conftest import PROMPTS, greedy, run_staggered, token_ids, vllm_engine, wait_traces
 from telltale_norm import rng
 from telltale_norm.config import TelltaleConfig
 from telltale_norm.runtime import TelltaleRuntime
@@ -159,7 +159,7 @@ class TestSmallKvCache:
         stats = result.stats
         assert stats["live_requests"] == 0 and stats["live_banks"] == 0, stats
         assert stats["traces_waiting"] == 0 and stats["rejected_requests"] == 0, stats
-        assert result.traces_taken > 0  # traced and rerank requests left their traces
+        assert result.traces_taken > 0  # traced requests left their traces
 
     # ------------------------------------------------------------ 2: preemption, seeded
     @pytest.mark.parametrize("name", list(TARGETS))
@@ -401,6 +401,21 @@ class TestTensorParallel:
             if key != "rank":
                 assert ranks[0][key] == ranks[1][key], key
 
+    def test_rerank_scores_arrive_with_the_outputs(self, tp_engine):
+        """Only the output rank's ModelRunnerOutput reaches the scheduler: its pushed rows
+        give every candidate the scores of its own (kept) trace."""
+        outputs = tp_engine.generate(PROMPTS[:2], SamplingParams(
+            n=2, temperature=0.8, seed=1, max_tokens=8, ignore_eos=True,
+            extra_args={"telltale_method": "rerank", "telltale_trace": 1}), use_tqdm=False)
+        traces = wait_traces(tp_engine, [(o.request_id, c.index) for o in outputs
+                                         for c in o.outputs])
+        for out in outputs:
+            for cand in out.outputs:
+                scores = cand.telltale_scores
+                assert scores["steps"] == 7
+                assert scores["A"] == pytest.approx(traces[(out.request_id, cand.index)]
+                                                    .scores["A"], rel=1e-6)
+
 
 def make_inputs(request_index: int, position: int, layer: int, hidden: int = 16):
     """Deterministic hidden state and residual of one token (what every rank would see)."""
@@ -500,7 +515,8 @@ def traced_run(requests: dict[str, dict], order: list[str], steps: int = 8):
 def test_a_requests_trace_and_rerank_score_do_not_depend_on_its_neighbours():
     """Per-request state includes the trace: a rerank request on layer 1 must get the same
     norms and score whether or not a neighbour in its batch watches layer 2."""
-    requests = {"ranked": {"telltale_method": "rerank", "telltale_layers": "1"},
+    requests = {"ranked": {"telltale_method": "rerank", "telltale_layers": "1",
+                           "telltale_trace": 1},
                 "neighbour": {"telltale_method": "monitor", "telltale_layers": "2"}}
     alone = traced_run(requests, ["ranked"])["ranked"]
     together = traced_run(requests, ["ranked", "neighbour"])["ranked"]

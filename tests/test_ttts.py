@@ -294,5 +294,5 @@ def test_no_bank_state_outlives_its_request(llm):
     assert stats["live_requests"] == 0
     assert stats["live_banks"] == 0
     assert stats["bank_bytes"] == before  # slots were reused, the pool never grew
-    assert len(telltale_norm.traces(llm)) > 0  # traced and rerank requests left traces
+    assert len(telltale_norm.traces(llm)) > 0  # traced requests left traces
     assert telltale_norm.stats(llm)["traces_waiting"] == 0

@@ -108,7 +108,8 @@ def reset_stats(llm: Any) -> None:
 
 
 def traces(llm: Any) -> list[RequestTrace]:
-    """Take the norm traces of finished traced requests (`telltale_trace=1`, or rerank).
+    """Take the norm traces of finished traced requests (`telltale_trace=1`; rerank ones
+    include their scores).
 
     Each trace's `request_id` is the caller's id (`RequestOutput.request_id`) and `index`
     the candidate (`CompletionOutput.index`) for `n > 1`. Taken traces leave the worker.

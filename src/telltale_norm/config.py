@@ -295,7 +295,7 @@ class TelltaleConfig:
     random_suppress_k_per_response: int = 0
     est_avg_decode_len: int = 512
     random_seed: int = 1234
-    # Record per-request norm traces (always on under rerank, whose scores need them).
+    # Keep per-request norm traces for traces(llm) (rerank rows are pushed regardless).
     trace: bool = False
     trace_max_steps: int = 0
     stats_path: str | None = None

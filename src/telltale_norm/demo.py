@@ -262,7 +262,7 @@ def run_method(llm: Any, method: str, prompts: list[str], problems: list[Problem
                                "candidate": completion.index, "text": completion.text})
     result.ci = wilson_interval(result.correct, result.total)
 
-    # Each problem's trace of the scored answer. (rerank.select takes rerank's traces itself.)
+    # Each problem's trace of the scored answer (rerank: of the selected candidate).
     problem_of = {o.request_id: i for i, o in enumerate(outputs)}
     traces = {}
     for trace in telltale_norm.traces(llm):
