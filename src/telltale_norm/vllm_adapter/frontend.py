@@ -22,6 +22,7 @@ import os
 from vllm.exceptions import VLLMValidationError
 
 from telltale_norm.config import REQUEST_PREFIX, ConfigError, TelltaleConfig, check_request
+from telltale_norm.vllm_adapter.loop_layers import check_loop_request
 from telltale_norm.vllm_adapter.patching import on_import, patch_method
 
 logger = logging.getLogger("vllm.telltale_norm")
@@ -112,8 +113,9 @@ def _validate_params(original):
             if not engine.active:  # an unpatched engine ignores telltale_* settings
                 return result
             try:
-                check_request(engine.with_request(extra_args), engine,
-                              _num_layers(self.model_config))
+                request = engine.with_request(extra_args)
+                check_request(request, engine, _num_layers(self.model_config))
+                check_loop_request(request, self.model_config)
             except ConfigError as err:
                 raise RequestSettingsError(f"telltale-norm: {err}") from None
         return result
