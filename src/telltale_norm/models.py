@@ -337,4 +337,4 @@ def default_model_dir(cache_dir: _PathLike | None = None, progress: bool = True)
 
 
 # The tiny random models live in their own module; they are also reachable from here.
-from telltale_norm.tiny_models import TINY_ARCHS, make_tiny_model  # noqa: E402
+from telltale_norm.tiny_models import TINY_ARCHS, make_tiny_model  # noqa: E402, F401
