@@ -51,10 +51,13 @@ class Model(nn.Module):
         residual = None
         scale = positions[:, None].float() / 10 + 1
         for i, layer in enumerate(self.layers):  # positionally, by keyword, mixed
-            if isinstance(layer, Attentionless) and i == 0:
+            if not isinstance(layer, Attentionless):
+                x, residual = layer(positions, x, residual)
+            elif i == 0:
                 x, residual = layer(x, positions, residual, scale, 2, gate=scale)
             else:
-                x, residual = layer(residual=residual, positions=positions, hidden_states=x)
+                x, residual = layer(residual=residual, positions=positions, hidden_states=x,
+                                    scale=None)  # a None, like Mistral's t_cond
         return x if residual is None else x + residual  # MiniCPM/Gemma4 return no residual
 
 
@@ -96,8 +99,8 @@ def test_a_rerun_rebuilds_the_first_call(wrapped, compiled):
     # layer 0: positional call with a tensor, a constant and a keyword tensor
     assert first._telltale_call == {"num_args": 5, "core": (0, 2, 1),
                                     "tensor_keys": (3, "gate"), "constants": {4: 2}}
-    # layer 1: keywords only
-    assert second._telltale_call == {"num_args": 0, "tensor_keys": (), "constants": {},
+    # layer 1: keywords only, a None among them (an op input like the tensors)
+    assert second._telltale_call == {"num_args": 0, "tensor_keys": ("scale",), "constants": {},
                                      "core": ("hidden_states", "residual", "positions")}
     # the rebuilt call equals a direct call with the same arguments
     scale = positions[:, None].float() / 10 + 1
