@@ -98,9 +98,9 @@ def call_report(worker, index: int) -> dict:
 
 # ---------------------------------------------------------------- KV cache writes
 def _impls(index: int) -> list:
-    from telltale_norm.vllm_adapter.rerun import _cache_modules
+    from telltale_norm.vllm_adapter.rerun import cache_modules
 
-    return [m.impl for m in _cache_modules(_layer(index))]
+    return [m.impl for m in cache_modules(_layer(index))]
 
 
 def log_kv_writes(worker, index: int) -> int:

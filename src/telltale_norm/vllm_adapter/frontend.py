@@ -115,7 +115,7 @@ def _validate_params(original):
             try:
                 request = engine.with_request(extra_args)
                 check_request(request, engine, _num_layers(self.model_config))
-                check_loop_request(request, self.model_config)
+                check_loop_request(request, self.model_config.hf_text_config)
             except ConfigError as err:
                 raise RequestSettingsError(f"telltale-norm: {err}") from None
         return result

@@ -30,8 +30,8 @@ def _layer_step(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.T
     runtime = state.RUNTIME
     if runtime is not None:
         module = state.LAYERS[layer]
-        # A layer a re-run would leave state in is never re-run (requests asking for it are
-        # refused before they get here: see loop_layers.py).
+        # A layer a re-run would leave state in is never re-run (loop requests on layers
+        # with recurrent state are refused before they get here: see loop_layers.py).
         rerun = None if module._telltale_loop_obstacle else functools.partial(
             rerun_layer, module, positions, extras)
         runtime.on_layer(layer, hidden, residual, rerun)

@@ -21,17 +21,26 @@ and cache layers of unknown kinds are not re-run: `loop_obstacle` names the reas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-
-RECURRENT = "holds recurrent state"  # the start of a loop obstacle of a MambaBase layer
 
 
 class RerunUnsupportedError(RuntimeError):
     """A decoder layer cannot be re-run without leaving state behind."""
 
 
-def _cache_modules(layer: nn.Module) -> list[nn.Module]:
+@dataclass(frozen=True)
+class LoopObstacle:
+    """Why a re-run of a layer would leave state behind."""
+
+    reason: str
+    recurrent: bool  # recurrent state (linear attention, Mamba), which the HF config names
+
+
+def cache_modules(layer: nn.Module) -> list[nn.Module]:
+    """A decoder layer's modules that own a KV cache or recurrent state."""
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
     return [m for m in layer.modules() if isinstance(m, AttentionLayerBase)]
@@ -39,31 +48,34 @@ def _cache_modules(layer: nn.Module) -> list[nn.Module]:
 
 def attention_layer_names(layer: nn.Module) -> tuple[str, ...]:
     """Names under which a decoder layer's attention modules find their KV cache."""
-    return tuple(name for m in _cache_modules(layer)
+    return tuple(name for m in cache_modules(layer)
                  if isinstance(name := getattr(m, "layer_name", None), str))
 
 
-def loop_obstacle(layer: nn.Module) -> str | None:
+def loop_obstacle(layer: nn.Module) -> LoopObstacle | None:
     """Why re-running `layer` would leave state behind, or None if it leaves none."""
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.model_executor.layers.attention.mla_attention import MLAAttention
     from vllm.model_executor.layers.mamba.abstract import MambaBase
 
-    for module in _cache_modules(layer):
+    for module in cache_modules(layer):
         kind = type(module).__name__
         if isinstance(module, MambaBase):
-            return f"{RECURRENT} ({kind}) that every pass advances"
+            return LoopObstacle(f"holds recurrent state ({kind}) that every pass advances",
+                                recurrent=True)
         if isinstance(module, MLAAttention):
             if getattr(module, "hisparse_cache", None) is not None:
-                return f"{kind} keeps a sparse cache that every pass updates"
+                return LoopObstacle(f"{kind} keeps a sparse cache that every pass updates",
+                                    recurrent=False)
             continue  # writes only through the slot mapping (see above)
         if isinstance(module, Attention):
             backend = module.attn_backend
             if getattr(backend, "forward_includes_kv_cache_update", True):
-                return (f"attention backend {backend.__name__} writes the KV cache inside "
-                        "its forward")
+                return LoopObstacle(f"attention backend {backend.__name__} writes the KV "
+                                    "cache inside its forward", recurrent=False)
             continue
-        return f"{kind} keeps a cache telltale-norm cannot keep a re-run from writing"
+        return LoopObstacle(f"{kind} keeps a cache that a re-run would write",
+                            recurrent=False)
     return None
 
 

@@ -56,7 +56,7 @@ def attach(runner: Any) -> None:
     state.RUNTIME = runtime
     state.LAYERS.clear()
     state.LAYERS.update(wrapped)
-    check_loop_layers(config, wrapped, runner.model_config, num_layers)
+    check_loop_layers(config, wrapped, runner.model_config.hf_text_config, num_layers)
     if config.stats_path:
         atexit.register(dump_stats, runtime, config.stats_path)
     compiled = runner.vllm_config.compilation_config.mode != 0
