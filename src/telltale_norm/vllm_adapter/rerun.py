@@ -16,7 +16,8 @@ included), exactly what the research code did on FlashAttention.
 Recurrent state: a `MambaBase` layer (Mamba, gated delta-net / linear attention, short
 convolution) updates its state in place in every forward, whatever the slot mapping; a
 re-run would advance it twice. Such layers, backends that write K/V inside their forward,
-and cache layers of unknown kinds are not re-run: `loop_obstacle` names the reason.
+and cache layers of other kinds (e.g. DeepSeek-V3.2's indexer cache) are not re-run:
+`loop_obstacle` names the reason.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def loop_obstacle(layer: nn.Module) -> LoopObstacle | None:
                 return LoopObstacle(f"attention backend {backend.__name__} writes the KV "
                                     "cache inside its forward", recurrent=False)
             continue
-        return LoopObstacle(f"{kind} keeps a cache that a re-run would write",
-                            recurrent=False)
+        return LoopObstacle(f"{kind} keeps a cache of a kind telltale-norm does not know how "
+                            "to leave unchanged", recurrent=False)
     return None
 
 
