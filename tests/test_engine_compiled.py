@@ -33,6 +33,45 @@ def run(llm, prompts=PROMPTS, max_tokens=MAX_TOKENS, **extra):
     return tokens, {layer: entry["suppressed"] for layer, entry in stats["per_layer"].items()}
 
 
+# ---------------------------------------------------------------- extra tensor arguments
+def test_compiled_reruns_get_each_steps_extra_tensors(tmp_path, default_model):
+    """DeepSeek-V2 passes `llama_4_scaling`, a tensor computed from the positions inside the
+    compiled graph, to every decoder layer. The op takes it as an input, so a re-run gets
+    each step's values, not those of the trace (they vary: the tiny model scales from
+    position 16 on). Two layers (a dense one, then MLA + MoE) keep the compilation short.
+    First in this module, so that no other engine is alive while this one runs."""
+    import worker_probes
+    from telltale_norm.models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "deepseek", "deepseek_v2", num_layers=2)
+    env = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process engine core: faster start
+    loop = dict(telltale_method="loop", telltale_layers="1", telltale_tau_json='{"1": 1e-3}',
+                telltale_blowup=1e12, telltale_growth_eps=-1e9)
+    with vllm_engine(model, env, enforce_eager=False) as llm:
+        assert not llm.llm_engine.vllm_config.model_config.enforce_eager
+        off = token_ids(llm.generate(PROMPTS, greedy(MAX_TOKENS, telltale_method="off"),
+                                     use_tqdm=False))
+        llm.collective_rpc(worker_probes.record_calls, args=(1,))
+        try:
+            telltale_norm.reset_stats(llm)
+            looped = token_ids(llm.generate(PROMPTS, greedy(MAX_TOKENS, **loop),
+                                            use_tqdm=False))
+            stats = telltale_norm.stats(llm)
+        finally:
+            report = llm.collective_rpc(worker_probes.call_report, args=(1,))[0]
+        huge = token_ids(llm.generate(PROMPTS, greedy(
+            MAX_TOKENS, **{**loop, "telltale_tau_json": '{"1": 1e30}'}), use_tqdm=False))
+    assert stats["per_layer"]["1"]["reruns"] == decode_tokens(PROMPTS, MAX_TOKENS)
+    assert looped != off and huge == off
+    # the first passes ran inside the compiled graph (not logged); each decode step re-ran
+    assert report["first_passes"] == 0, report
+    assert report["reruns"] == stats["per_layer"]["1"]["rerun_layer_passes"] == (
+        stats["decode_steps"]), report
+    assert report["extras"] == {"llama_4_scaling": "Tensor"}, report
+    assert report["llama_4_error"] < 1e-6 and report["llama_4_values"] > 1, report
+
+
 @pytest.fixture(scope="module")
 def eager_tokens(tiny_model):
     """Tokens of an eager engine with the same settings (started and stopped first)."""
@@ -102,3 +141,4 @@ def test_compiled_equals_eager(compiled_llm, eager_tokens):
     # Float32 tiny model: compiled and eager greedy decoding agree token for token.
     assert run(compiled_llm, telltale_method="off")[0] == eager_tokens["off"]
     assert run(compiled_llm)[0] == eager_tokens["suppress"]
+

@@ -21,6 +21,7 @@ import logging
 
 from telltale_norm.config import REQUEST_PREFIX, ConfigError, TelltaleConfig, check_request
 from telltale_norm.vllm_adapter import deployment, internals
+from telltale_norm.vllm_adapter.loop_layers import check_loop_request
 
 logger = logging.getLogger("vllm.telltale_norm")
 
@@ -87,8 +88,9 @@ def _validate_params(original):
             if not engine.active:  # an unpatched engine ignores telltale_* settings
                 return result
             try:
-                check_request(engine.with_request(extra_args), engine,
-                              _num_layers(self.model_config))
+                request = engine.with_request(extra_args)
+                check_request(request, engine, _num_layers(self.model_config))
+                check_loop_request(request, self.model_config.hf_text_config)
             except ConfigError as err:
                 raise RequestSettingsError(f"telltale-norm: {err}") from None
         return result

@@ -29,8 +29,8 @@ from telltale_norm.thresholds import calibration_record
 from telltale_norm.vllm_adapter import internals, state
 from telltale_norm.vllm_adapter.frontend import engine_config
 from telltale_norm.vllm_adapter.requests import external_request_id
-from telltale_norm.vllm_adapter.rerun import check_rerun_supported
 from telltale_norm.vllm_adapter.layers import find_decoder_layers, wrap_decoder_layers
+from telltale_norm.vllm_adapter.loop_layers import check_loop_layers
 
 logger = logging.getLogger("vllm.telltale_norm")
 
@@ -63,9 +63,7 @@ def attach(runner: Any) -> None:
     state.RUNTIME = runtime
     state.LAYERS.clear()
     state.LAYERS.update(wrapped)
-    if config.method == "loop":
-        for _, layer in wrapped:
-            check_rerun_supported(layer)
+    check_loop_layers(config, wrapped, runner.model_config.hf_text_config, num_layers)
     if config.stats_path:
         atexit.register(dump_stats, runtime, config.stats_path)
     compiled = runner.vllm_config.compilation_config.mode != 0
