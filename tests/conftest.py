@@ -19,7 +19,8 @@ ENGINE_DEFAULTS = dict(enforce_eager=True, dtype="float32", max_model_len=512,
                        gpu_memory_utilization=0.2, seed=0, max_num_seqs=32,
                        max_num_batched_tokens=2048)
 
-TELLTALE_ENV = ("VLLM_PATCH", "VLLM_PLUGINS", "PATCHED_LAYERS", "PATCHED_TAU_JSON")
+TELLTALE_ENV = ("VLLM_PATCH", "VLLM_PLUGINS", "PATCHED_LAYERS", "PATCHED_TAU_JSON",
+                "TELLTALE_ALLOW_LOOP")
 
 
 def pytest_collection_modifyitems(items):
@@ -163,13 +164,14 @@ PROMPTS = [
 ]
 
 
-SERVER_ENV = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"}
+SERVER_ENV = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2", "TELLTALE_ALLOW_LOOP": "1"}
 
 
 @pytest.fixture(scope="session")
 def monitor_server(tiny_model, tmp_path_factory):
     """One `vllm serve` of the tiny Llama for the whole session (VLLM_PATCH=monitor on layers
-    1,2: it changes nothing by itself); tests pick methods per request with `vllm_xargs`."""
+    1,2: it changes nothing by itself; loop allowed); tests pick methods per request with
+    `vllm_xargs`."""
     from processes import VllmServer
 
     server = VllmServer(tiny_model("llama"), SERVER_ENV,

@@ -44,7 +44,7 @@ def test_compiled_reruns_get_each_steps_extra_tensors(tmp_path, default_model):
     from telltale_norm.models import make_tiny_model
 
     model = make_tiny_model(tmp_path / "deepseek", "deepseek_v2", num_layers=2)
-    env = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1",
+    env = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1", "TELLTALE_ALLOW_LOOP": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process engine core: faster start
     loop = dict(telltale_method="loop", telltale_layers="1", telltale_tau_json='{"1": 1e-3}',
                 telltale_blowup=1e12, telltale_growth_eps=-1e9)

@@ -85,8 +85,8 @@ def family(request, tiny_model):
     with vllm_engine(model, IN_PROCESS, dtype=spec.dtype) as plain:
         assert plain.llm_engine.vllm_config.additional_config.get("telltale_norm") is None
         plain_tokens = token_ids(plain.generate(PROMPTS, greedy(MAX_TOKENS), use_tqdm=False))
-    env = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2", **IN_PROCESS,
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    env = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2", "TELLTALE_ALLOW_LOOP": "1",
+           **IN_PROCESS, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
     with vllm_engine(model, env, dtype=spec.dtype) as llm:
         yield arch, spec, llm, plain_tokens
 

@@ -1,7 +1,7 @@
 """`telltale-norm doctor --engine MODEL`: the plugin in a real engine on this machine's device.
 
 Starts the default compiled engine (CUDA graphs as vLLM sets them on a GPU) with
-`VLLM_PATCH=monitor`, checks each behaviour below with
+`VLLM_PATCH=monitor` and loop allowed (`TELLTALE_ALLOW_LOOP=1`), checks each behaviour below with
 per-request settings, then starts the same engine without the plugin for the throughput
 ratio. Each check prints PASS or FAIL:
 - the plugin's start line (layers wrapped, compiled or eager);
@@ -102,7 +102,7 @@ def engine_checks(model: Path, args: argparse.Namespace) -> list[Check]:
                    gpu_memory_utilization=args.gpu_memory_utilization, verbose=args.verbose)
     n = args.max_tokens
     layers = TelltaleConfig.from_env().layers  # the environment's PATCHED_LAYERS, if any
-    with engine(model, method="monitor", layers=layers, **options) as llm:
+    with engine(model, method="monitor", layers=layers, allow_loop=True, **options) as llm:
         stats = telltale_norm.stats(llm)
         checks = [_pass(bool(stats.get("start_line")), "plugin start line: "
                         + (stats.get("start_line") or "none"),

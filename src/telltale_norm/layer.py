@@ -18,10 +18,9 @@ import torch
 from telltale_norm import rng
 from telltale_norm.batch import DECODE, REPLAY, StepBuffers
 from telltale_norm.methods.loop import Agree, Rerun, loop_step
-from telltale_norm.methods.suppress import suppress_factors
-from telltale_norm.methods.ttts import Banks, TttsSettings, ttts_step
-from telltale_norm.norms import (residual_stream, scale_residual_stream,
-                                  shifted_residual_stream, token_norms)
+from telltale_norm.methods.suppress import suppress_layer
+from telltale_norm.methods.ttts_banks import Banks, ttts_layer
+from telltale_norm.norms import token_norms
 from telltale_norm.requests import COL, METHOD_ID, RequestStates
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
 from telltale_norm.traces import ACTION_INJECT, ACTION_RERUN, ACTION_SUPPRESS, TraceRecorder
@@ -68,7 +67,7 @@ class LayerStep:
         decode, replay = (flags & DECODE) != 0, (flags & REPLAY) != 0
         method = tables["method"][slot]
         params = tables["params"][slot]
-        in_layer = tables["layers"][slot, layer]
+        in_layer = tables["layers"][slot, layer] & step.live
         observe = in_layer & decode
         new = ~replay  # counted once: replayed tokens were counted when they were decoded
 
@@ -90,8 +89,8 @@ class LayerStep:
                                           count)
             action = action + injected * ACTION_INJECT
         hidden, suppressed = self._suppress(layer, hidden, residual, norms, tau, params, slot,
-                                            in_layer & ready & (method == SUPPRESS), decode,
-                                            replay)
+                                            in_layer & ready & (method == SUPPRESS),
+                                            decode | replay)
         count[C["suppressed"]] += (suppressed & new).sum()
         action = action + suppressed * ACTION_SUPPRESS
 
@@ -114,19 +113,11 @@ class LayerStep:
 
     def _suppress(self, layer: int, h: torch.Tensor, r: torch.Tensor | None,
                   norms: torch.Tensor, tau: torch.Tensor, params: torch.Tensor,
-                  slot: torch.Tensor, eligible: torch.Tensor, decode: torch.Tensor,
-                  replay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        only_decode = params[:, COL["suppress_only_decode"]] > 0
+                  slot: torch.Tensor, eligible: torch.Tensor, output: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         draws = rng.uniform(self.states.tables["seed"][slot], rng.STREAM_SUPPRESS, layer,
                             self.step.position[:len(slot)])
-        factor, chosen = suppress_factors(
-            norms, tau, eligible & (decode | replay | ~only_decode),
-            random_mode=params[:, COL["suppress_random"]] > 0, draws=draws,
-            p=params[:, COL["suppress_p"]],
-            clamp_action=params[:, COL["suppress_clamp"]] > 0,
-            mul_scale=params[:, COL["suppress_mul_scale"]],
-            clamp_div=params[:, COL["suppress_clamp_div"]])
-        return scale_residual_stream(h, r, factor, chosen), chosen
+        return suppress_layer(h, r, norms, tau, params, eligible, output, draws)
 
     def _loop(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
               norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
@@ -151,34 +142,16 @@ class LayerStep:
     def _ttts(self, layer: int, h: torch.Tensor, r: torch.Tensor | None, norms: torch.Tensor,
               tau: torch.Tensor, acting: torch.Tensor, params: torch.Tensor, slot: torch.Tensor,
               replay: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ERSS on the step's ttts decode tokens (at most one per slot, listed first in the
-        step's `ttts_rows`), and the replay of logged injections into recomputed tokens."""
-        step, banks = self.step, self.banks
+        step = self.step
         t = h.shape[0]
-        rows = step.ttts_rows[:min(t, self.states.capacity)]
-        valid = step.ttts_valid[:len(rows)] & acting[rows]
-        slots = torch.where(valid, slot[rows], self.states.null_slot)  # padding: null slot
-        res = None if r is None else r[rows].float()
-        x = residual_stream(h[rows], res)
-        position = step.position[rows]
-        seed = self.states.tables["seed"][slots]
-        out = ttts_step(x, torch.zeros_like(x) if res is None else res, norms[rows], tau[rows],
-                        valid, rng.uniform(seed, rng.STREAM_TTTS, layer, position),
-                        banks.read(slots, layer), TttsSettings.from_params(params[rows]))
-        banks.write(slots, layer, out, x)
-        # x + delta, written back as hidden rows (rows that inject nothing keep their bits)
-        delta = torch.zeros(t, h.shape[1], dtype=torch.float32, device=h.device)
-        delta = delta.index_add(0, rows, out.delta)
-        injected_tok = torch.zeros(t, dtype=torch.int32, device=h.device).index_add(
-            0, rows, out.injected.int()) > 0
-        injected_h = torch.where(injected_tok.unsqueeze(1), shifted_residual_stream(h, delta), h)
-        count[C["injections_unlogged"]] += banks.log(slots, position, layer, out.injected,
-                                                     injected_h[rows])
-        count[C["injections"]] += out.injected.sum()
-        count[C["inject_no_match"]] += out.no_match.sum()
-        count[C["max_low_streak"]] = torch.maximum(
-            count[C["max_low_streak"]], torch.where(valid, out.low_streak, 0).max().double())
-        logged, found = banks.logged_rows(slot, step.position[:t], layer)
-        found = found & replay
-        count[C["injections_replayed"]] += found.sum()
-        return torch.where(found.unsqueeze(1), logged, injected_h), injected_tok
+        rows = step.ttts_rows[:min(t, self.states.capacity)]  # one decode token per slot
+        out = ttts_layer(self.banks, layer, h, r, norms, tau, rows,
+                         step.ttts_valid[:len(rows)] & acting[rows], slot, step.position[:t],
+                         self.states.tables["seed"][slot], params, replay)
+        for name, value in (("injections", out.injections), ("inject_no_match", out.no_match),
+                            ("injections_unlogged", out.unlogged),
+                            ("injections_replayed", out.replayed)):
+            count[C[name]] += value
+        count[C["max_low_streak"]] = torch.maximum(count[C["max_low_streak"]],
+                                                   out.max_low_streak.double())
+        return out.hidden, out.injected

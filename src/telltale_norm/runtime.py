@@ -23,7 +23,7 @@ from telltale_norm.config import ConfigError, TelltaleConfig, check_request
 from telltale_norm.layer import COUNTERS, LayerStep
 from telltale_norm.methods.loop import Agree, Rerun
 from telltale_norm.methods.rerank import candidate_scores
-from telltale_norm.methods.ttts import Banks
+from telltale_norm.methods.ttts_banks import Banks
 from telltale_norm.requests import COL, METHOD_ID, OFF, RequestStates, request_row
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
 from telltale_norm.traces import TraceRecorder
@@ -150,6 +150,7 @@ class TelltaleRuntime:
     def end_step(self) -> None:
         """The step's forward is done: start moving its traced rows to the host."""
         if self._plan is not None:
+            self.buffers.close()
             self.traces.end_step(self._plan)
         self._plan = None
 

@@ -49,6 +49,8 @@ _RUNNER = "vllm.v1.worker.gpu_model_runner"
 INTERNALS: tuple[Internal, ...] = (
     Internal(_ENGINE, "EngineArgs.create_engine_config", "engine start: settings, GPU checks",
              params=()),
+    Internal("vllm.config.vllm", "VllmConfig.compute_hash", "compile once per graph",
+             params=("include_version",)),
     Internal(_INPUT, "InputProcessor._validate_params", "per-request settings (HTTP 400)",
              params=("params",)),
     Internal(_INPUT, "InputProcessor.process_inputs", "prefix-cache salt of editing requests",

@@ -6,22 +6,28 @@ returns `(hidden_states, residual)` fits: Llama, Qwen2/3, Qwen3-MoE, Mistral, Ge
 DeepSeek-V2/V3 (`llama_4_scaling`), gpt-oss, Qwen3-Next, ... Anything else is refused at
 engine start with a message naming the layer class and its signature.
 
-The wrapper is plain Python that vLLM's torch.compile traces once: it finds the three
-arguments by positions computed here, at wrap time, and records how the layer was called
-(which extra arguments, positional or by keyword) in `layer._telltale_call`, so a re-run
-(`rerun.call_layer`) can rebuild the same call. Extra tensors (and Nones) travel into the op
-as op inputs, so a compiled graph hands the op each step's values; other extras (ints,
-modules...) are constants of the graph, recorded as such.
+Only the engine's patched layers are wrapped. The wrapper is plain Python that vLLM's
+torch.compile traces once. By default a layer's output goes through the runtime's graph-safe
+step, traced into the compiled graph as ordinary tensor operations (and replayed inside
+CUDA graphs). Where loop is possible on the engine and the layer can be re-run, it goes
+through the opaque op `telltale::layer_step` instead, whose Python runs every step: the
+wrapper finds the three arguments by positions computed here, at wrap time, and records how
+the layer was called (which extra arguments, positional or by keyword) in
+`layer._telltale_call`, so a re-run (`rerun.call_layer`) can rebuild the same call. Extra
+tensors (and Nones) travel into the op as op inputs, so a compiled graph hands the op each
+step's values; other extras (ints, modules...) are constants of the graph, recorded as such.
 """
 
 from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
+from telltale_norm.vllm_adapter import state
 from telltale_norm.vllm_adapter.op import layer_step, refuse_layer
 from telltale_norm.vllm_adapter.rerun import attention_layer_names, loop_obstacle
 
@@ -91,8 +97,11 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def wrap_decoder_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """Make every local decoder layer call `telltale::layer_step` on its output.
+def wrap_decoder_layers(model: nn.Module, step_layers: Collection[int] | None = None,
+                        loop: bool = True) -> list[tuple[int, nn.Module]]:
+    """Make the local decoder layers of `step_layers` (default: all) pass their output
+    through the runtime's step: through `telltale::layer_step` where `loop` is possible and
+    the layer can be re-run, else through the graph-safe step, traced with the model.
 
     Returns `(index, layer)` pairs of the wrapped layers. Idempotent; the original forward
     stays reachable as `layer._telltale_original_forward` (used to re-run a layer), and
@@ -102,7 +111,8 @@ def wrap_decoder_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     layers = find_decoder_layers(model)
     wrapped = []
     for index, layer in enumerate(layers):
-        if type(layer).__name__ == "PPMissingLayer":
+        if type(layer).__name__ == "PPMissingLayer" or (
+                step_layers is not None and index not in step_layers):
             continue
         if not hasattr(layer, "_telltale_original_forward"):
             layer._telltale_refusal = str(_unsupported(
@@ -112,7 +122,9 @@ def wrap_decoder_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
             layer._telltale_loop_obstacle = loop_obstacle(layer)
             layer._telltale_call = {}
             layer._telltale_original_forward = layer.forward
-            layer.forward = types.MethodType(_make_forward(index, core_slots(layer)), layer)
+            use_op = loop and layer._telltale_loop_obstacle is None
+            layer.forward = types.MethodType(_make_forward(index, core_slots(layer), use_op),
+                                             layer)
         wrapped.append((index, layer))
     return wrapped
 
@@ -146,7 +158,7 @@ def _record_call(call: dict, args: tuple, kwargs: dict,
     return tensors
 
 
-def _make_forward(index: int, slots: tuple[int | None, ...]):
+def _make_forward(index: int, slots: tuple[int | None, ...], use_op: bool):
     where = slots[CORE.index("positions")]
 
     def forward(self: nn.Module, *args, **kwargs):
@@ -158,8 +170,11 @@ def _make_forward(index: int, slots: tuple[int | None, ...]):
             # raised while tracing loses its message.
             refuse_layer(positions, index)
             return out
-        extras = _record_call(self._telltale_call, args, kwargs, slots)
         hidden, residual = out
+        if not use_op:
+            runtime = state.RUNTIME
+            return out if runtime is None else runtime.layer_step(index, hidden, residual)
+        extras = _record_call(self._telltale_call, args, kwargs, slots)
         layer_step(hidden, residual, positions, extras, index)
         return hidden, residual
 

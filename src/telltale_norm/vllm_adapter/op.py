@@ -55,14 +55,15 @@ def _refuse_layer_fake(positions: torch.Tensor, layer: int) -> None:
 def _register() -> None:
     if hasattr(torch.ops.telltale, "layer_step"):
         return
-    internals.require("direct_register_custom_op")(
+    register = internals.require("direct_register_custom_op")
+    register(
         op_name="layer_step",
         op_func=_layer_step,
         mutates_args=["hidden", "residual"],
         fake_impl=_layer_step_fake,
         target_lib=_LIB,
     )
-    direct_register_custom_op(
+    register(
         op_name="refuse_layer",
         op_func=_refuse_layer,
         mutates_args=["positions"],  # declared (never done) so the compiler keeps the call

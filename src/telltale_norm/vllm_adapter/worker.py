@@ -50,8 +50,9 @@ def attach(runner: Any) -> None:
         return
     for name in ("SchedulerOutput", "CachedRequestState", "InputBatch", "ForwardContext"):
         internals.require(name)
-    wrapped = wrap_decoder_layers(runner.model)
     num_layers = len(find_decoder_layers(runner.model))
+    wrapped = wrap_decoder_layers(runner.model, config.patched_layers(num_layers),
+                                  loop=config.loop_possible)
     model_config, scheduler = runner.model_config, runner.vllm_config.scheduler_config
     # Every buffer is allocated here, after the weights and before vLLM measures the memory
     # left for its KV cache, so the cache is sized around them.
@@ -68,10 +69,12 @@ def attach(runner: Any) -> None:
         atexit.register(dump_stats, runtime, config.stats_path)
     compiled = runner.vllm_config.compilation_config.mode != 0
     tau = "fixed" if config.fixed_tau() else f"adaptive after {config.warmup_steps} steps"
+    mode = ("loop possible: the op runs every step" if config.loop_possible
+            else "the step is traced into the graph") if compiled else "eager"
     runtime.start_line = (
         f"telltale-norm: VLLM_PATCH={config.method} wrapped {len(wrapped)} decoder layers of "
-        f"{type(runner.model).__name__} (default layers {list(runtime.patched_layers)}, tau "
-        f"{tau}, {'compiled, op runs every step' if compiled else 'eager'})")
+        f"{type(runner.model).__name__} (layers {list(runtime.patched_layers)}, tau {tau}, "
+        f"{'compiled, ' if compiled else ''}{mode})")
     logger.info("%s", runtime.start_line)
 
 
