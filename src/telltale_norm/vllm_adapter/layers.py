@@ -7,11 +7,10 @@ DeepSeek-V2/V3 (`llama_4_scaling`), gpt-oss, Qwen3-Next, ... Anything else is re
 engine start with a message naming the layer class and its signature.
 
 Only the engine's patched layers are wrapped. The wrapper is plain Python that vLLM's
-torch.compile traces once. By default a layer's output goes through the runtime's graph-safe
-step, traced into the compiled graph as ordinary tensor operations (and replayed inside
-CUDA graphs). Where loop is possible on the engine and the layer can be re-run, it goes
-through the opaque op `telltale::layer_step` instead, whose Python runs every step: the
-wrapper finds the three arguments by positions computed here, at wrap time, and records how
+torch.compile traces once. A layer's output goes through the runtime's graph-safe step,
+traced into the compiled graph as ordinary tensor operations (and replayed inside CUDA
+graphs). Where loop is possible on the engine and the layer can be re-run, it then goes
+through the opaque op `telltale::layer_step`, whose Python runs every step: the wrapper finds the three arguments by positions computed here, at wrap time, and records how
 the layer was called (which extra arguments, positional or by keyword) in
 `layer._telltale_call`, so a re-run (`rerun.call_layer`) can rebuild the same call. Extra
 tensors (and Nones) travel into the op as op inputs, so a compiled graph hands the op each
@@ -100,8 +99,8 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 def wrap_decoder_layers(model: nn.Module, step_layers: Collection[int] | None = None,
                         loop: bool = True) -> list[tuple[int, nn.Module]]:
     """Make the local decoder layers of `step_layers` (default: all) pass their output
-    through the runtime's step: through `telltale::layer_step` where `loop` is possible and
-    the layer can be re-run, else through the graph-safe step, traced with the model.
+    through the runtime's graph-safe step, then through `telltale::layer_step` where `loop`
+    is possible and the layer can be re-run.
 
     Returns `(index, layer)` pairs of the wrapped layers. Idempotent; the original forward
     stays reachable as `layer._telltale_original_forward` (used to re-run a layer), and
@@ -171,11 +170,14 @@ def _make_forward(index: int, slots: tuple[int | None, ...], use_op: bool):
             refuse_layer(positions, index)
             return out
         hidden, residual = out
-        if not use_op:
-            runtime = state.RUNTIME
-            return out if runtime is None else runtime.layer_step(index, hidden, residual)
-        extras = _record_call(self._telltale_call, args, kwargs, slots)
-        layer_step(hidden, residual, positions, extras, index)
+        runtime = state.RUNTIME
+        if runtime is not None:
+            hidden, residual, gate = runtime.layer_step(index, hidden, residual)
+        else:  # no engine attached (a model wrapped by hand): nothing to gate
+            gate = hidden.new_empty(0, 2)
+        if use_op:
+            layer_step(hidden, residual, positions,
+                       _record_call(self._telltale_call, args, kwargs, slots), gate, index)
         return hidden, residual
 
     return forward
