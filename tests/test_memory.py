@@ -8,7 +8,7 @@ import pytest
 
 import telltale_norm
 from conftest import greedy, vllm_engine
-from telltale_norm.layer import COUNTERS
+from telltale_norm.runtime import COUNTERS
 from telltale_norm.requests import PARAM_COLUMNS
 from telltale_norm.thresholds import DEFAULT_BINS
 
