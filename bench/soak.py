@@ -3,9 +3,10 @@
     .venv/bin/python bench/soak.py                   # 2,000 requests per phase (hours)
     .venv/bin/python bench/soak.py --requests 280 --warmup 60   # 2,380 requests (20-40 min)
 
-One engine (VLLM_PATCH=monitor, PATCHED_LAYERS=1,2, a tiny random fp32 Llama) runs one
-phase per method (every request of a phase picks that method per request, `telltale_method`
-off / monitor / suppress / loop / ttts / rerank, with random settings), then a phase that
+One engine (VLLM_PATCH=monitor, PATCHED_LAYERS=1,2, TELLTALE_ALLOW_LOOP=1, a tiny random
+fp32 Llama) runs one phase per method (every request of a phase picks that method per
+request, `telltale_method` off / monitor / suppress / loop / ttts / rerank, with random
+settings), then a phase that
 mixes them all; before them, a warm-up runs `--warmup` requests of every phase in the same
 order, so each method's buffers and shapes are met before memory is measured. Prompts have
 4-120 tokens, outputs 1-128 tokens, half the requests are sampled with a seed, rerank
@@ -55,7 +56,8 @@ ENGINE_ARGS = dict(enforce_eager=True, dtype="float32", max_model_len=256, block
                    gpu_memory_utilization=0.2, seed=0, max_num_seqs=32,
                    # a seeded request must be prefilled in one chunk on the CPU backend
                    max_num_batched_tokens=2048, disable_log_stats=False)
-ENGINE_ENV = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": ",".join(map(str, LAYERS))}
+ENGINE_ENV = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": ",".join(map(str, LAYERS)),
+              "TELLTALE_ALLOW_LOOP": "1"}  # every method per request, loop included
 
 
 # ---------------------------------------------------------------- engine helpers
@@ -345,7 +347,7 @@ def make_engine(model: str, baseline: bool = False):
     vLLM's own memory growth from the plugin's."""
     from vllm import LLM
 
-    for key in ("VLLM_PATCH", "PATCHED_LAYERS", "PATCHED_TAU_JSON"):
+    for key in ENGINE_ENV:
         os.environ.pop(key, None)
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # worker_live_rss sends a callable
     if not baseline:

@@ -15,11 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Small, fast and exact enough to compare tokens: fp32 tiny models, eager unless a test asks.
+# An explicit KV size skips the CPU worker's check that gpu_memory_utilization of the RAM is
+# free (engines of other tests may still be going away).
 ENGINE_DEFAULTS = dict(enforce_eager=True, dtype="float32", max_model_len=512,
-                       gpu_memory_utilization=0.2, seed=0, max_num_seqs=32,
-                       max_num_batched_tokens=2048)
+                       gpu_memory_utilization=0.2, kv_cache_memory_bytes=256 << 20, seed=0,
+                       max_num_seqs=32, max_num_batched_tokens=2048)
 
-TELLTALE_ENV = ("VLLM_PATCH", "VLLM_PLUGINS", "PATCHED_LAYERS", "PATCHED_TAU_JSON")
+TELLTALE_ENV = ("VLLM_PATCH", "VLLM_PLUGINS", "PATCHED_LAYERS", "PATCHED_TAU_JSON",
+                "TELLTALE_ALLOW_LOOP")
 
 
 def pytest_collection_modifyitems(items):
@@ -172,13 +175,14 @@ PROMPTS = [
 ]
 
 
-SERVER_ENV = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"}
+SERVER_ENV = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2", "TELLTALE_ALLOW_LOOP": "1"}
 
 
 @pytest.fixture(scope="session")
 def monitor_server(tiny_model, tmp_path_factory):
     """One `vllm serve` of the tiny Llama for the whole session (VLLM_PATCH=monitor on layers
-    1,2: it changes nothing by itself); tests pick methods per request with `vllm_xargs`."""
+    1,2: it changes nothing by itself; loop allowed); tests pick methods per request with
+    `vllm_xargs`."""
     from processes import VllmServer
 
     server = VllmServer(tiny_model("llama"), SERVER_ENV,

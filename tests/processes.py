@@ -32,10 +32,11 @@ def clean_env(**update: str) -> dict[str, str]:
     return env
 
 
-def start_script(model: Path | str, env: dict[str, str], max_tokens: int) -> subprocess.Popen:
+def start_script(model: Path | str, env: dict[str, str], max_tokens: int,
+                 dtype: str = "float32") -> subprocess.Popen:
     """tests/scripts/generate.py (a plain vLLM script) in a fresh interpreter."""
     return subprocess.Popen([sys.executable, str(SCRIPT), str(model), "--max-tokens",
-                             str(max_tokens)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             str(max_tokens), "--dtype", dtype], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

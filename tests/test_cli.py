@@ -160,9 +160,11 @@ def test_doctor_engine_checks_the_plugin_in_the_default_compiled_engine(tiny_mod
         env=clean_env(PATCHED_LAYERS="1,2"), capture_output=True, text=True, timeout=1500)
     out = run.stdout
     assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]
-    for what in ("plugin start line: telltale-norm: VLLM_PATCH=monitor wrapped 4 decoder "
-                 "layers of LlamaForCausalLM", "CUDA graphs: NONE (compilation mode "
-                 "DYNAMO_TRACE_ONCE", "monitor: 44 decode tokens counted on each of layers "
+    for what in ("plugin start line: telltale-norm: VLLM_PATCH=monitor wrapped 2 decoder "
+                 "layers of LlamaForCausalLM", "plugin start line: telltale-norm: VLLM_PATCH="
+                 "loop wrapped 2", "CUDA graphs: NONE (plain engine: NONE), compilation mode "
+                 "DYNAMO_TRACE_ONCE: the plugin's step is in the graph", "with loop: CUDA "
+                 "graphs NONE", "monitor: 44 decode tokens counted on each of layers "
                  "[1, 2] (counted [44]), output unchanged", "suppress: tau 0 changes the output",
                  "loop: forced re-runs happen", "decode throughput with the plugin"):
         assert re.search(rf"^\[PASS\] {re.escape(what)}", out, re.M), what

@@ -84,29 +84,32 @@ def cuda_config(llama):
     return config
 
 
-def test_cuda_graphs_are_made_piecewise_around_the_op(cuda_config):
+def test_cuda_graphs_stay_as_set_without_loop_and_piecewise_around_loops_op(cuda_config):
     from vllm.config import CUDAGraphMode
 
-    adapt(cuda_config, cuda=True)
+    vllm_ops = ["vllm::unified_attention", "vllm::unified_kv_cache_update"]
     cc = cuda_config.compilation_config
+    adapt(cuda_config, loop_possible=False, cuda=True)  # the step is in the graph
+    assert cc.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE and cc.splitting_ops == vllm_ops
+    adapt(cuda_config, loop_possible=True, cuda=True)
     assert cc.cudagraph_mode == CUDAGraphMode.PIECEWISE
-    assert cc.splitting_ops == ["vllm::unified_attention", "vllm::unified_kv_cache_update",
-                                "telltale::layer_step"]  # vLLM's own ops kept
+    assert cc.splitting_ops == [*vllm_ops, "telltale::layer_step"]  # vLLM's own ops kept
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"mode": "NONE"}, r"CUDA graphs \(cudagraph_mode=FULL_AND_PIECEWISE\) without vLLM's "
-                       r"compilation \(mode=NONE.*VLLM_USE_BREAKABLE_CUDAGRAPH=0"),
-    ({"splitting_ops": []}, r"splitting_ops=\[\]"),
+    ({"mode": "NONE"}, r"loop and CUDA graphs \(cudagraph_mode=FULL_AND_PIECEWISE\) without "
+                       r"vLLM's compilation \(mode=NONE.*VLLM_USE_BREAKABLE_CUDAGRAPH=0"),
+    ({"splitting_ops": []}, r"loop and splitting_ops=\[\]"),
 ])
-def test_cuda_graph_settings_that_would_skip_the_op_are_refused(cuda_config, change, match):
+def test_cuda_graph_settings_that_would_skip_loops_op_are_refused(cuda_config, change, match):
     from vllm.config import CompilationMode
 
     cc = cuda_config.compilation_config
     for name, value in change.items():
         setattr(cc, name, CompilationMode[value] if name == "mode" else value)
+    adapt(cuda_config, loop_possible=False, cuda=True)  # no op: the step is graph-safe
     with pytest.raises(UnsupportedDeploymentError, match=match):
-        adapt(cuda_config, cuda=True)
+        adapt(cuda_config, loop_possible=True, cuda=True)
 
 
 def test_without_cuda_graphs_any_compilation_mode_is_fine(cuda_config):
@@ -114,7 +117,7 @@ def test_without_cuda_graphs_any_compilation_mode_is_fine(cuda_config):
 
     cc = cuda_config.compilation_config
     cc.mode, cc.cudagraph_mode = CompilationMode.NONE, CUDAGraphMode.NONE
-    adapt(cuda_config, cuda=True)
+    adapt(cuda_config, loop_possible=True, cuda=True)
     assert cc.cudagraph_mode == CUDAGraphMode.NONE
 
 
@@ -126,4 +129,21 @@ def test_sequence_parallel_moe_is_refused(cuda_config):
     assert parallel.use_sequence_parallel_moe  # vLLM's own rule
     cuda_config.parallel_config = parallel
     with pytest.raises(UnsupportedDeploymentError, match="sequence-parallel MoE"):
-        adapt(cuda_config)
+        adapt(cuda_config, loop_possible=False)
+
+
+def test_compile_hash_keys_only_what_shapes_the_graph(llama):
+    """vLLM keys its compile cache by the config hash: another tau, probability, seed or
+    stats path must reuse the compiled graph; other layers, loop, bank shapes, or no plugin
+    must not."""
+    def key(**env):
+        return engine_config(llama, {**MONITOR, **env}).compute_hash()
+
+    base = key()
+    assert key(VLLM_PATCH="suppress", PATCHED_TAU_JSON='{"1": 3, "2": 4}', TTTS_P_INJECT="0.7",
+               VLLM_RANDOM_SEED="9", VLLM_PATCH_STATS_PATH="/tmp/s.json",
+               ADAPTIVE_IQR_K="2", RERANK_METRIC="B") == base
+    others = [key(PATCHED_LAYERS="1,3"), key(VLLM_PATCH="loop"), key(TTTS_BANK_K="8"),
+              key(TTTS_REPLAY_LOG="4"), engine_config(llama, {}).compute_hash()]
+    assert len({base, *others}) == len(others) + 1
+    assert key(TELLTALE_ALLOW_LOOP="1") == key(VLLM_PATCH="loop")  # the same graph

@@ -164,6 +164,14 @@ def test_an_invalid_request_setting_fails_that_request_alone(llm, plain_tokens):
         llm.generate(PROMPTS[:1], greedy(MAX_TOKENS, telltale_layers="1,9"))
     with pytest.raises(ValueError, match=r"unknown request setting telltale_nope"):
         llm.generate(PROMPTS[:1], greedy(MAX_TOKENS, telltale_nope=1))
+    with pytest.raises(ValueError, match=r"telltale_layers=3: layers \[3\] are not patched"):
+        llm.generate(PROMPTS[:1], greedy(MAX_TOKENS, telltale_method="suppress",
+                                         telltale_layers="3"))
+    # loop needs Python at its layers: only engines that allow it take loop requests
+    with pytest.raises(ValueError, match=r"telltale_method=loop: this engine was started with "
+                                         r"VLLM_PATCH=monitor.*VLLM_PATCH=loop.*"
+                                         r"TELLTALE_ALLOW_LOOP=1"):
+        llm.generate(PROMPTS[:1], greedy(MAX_TOKENS, telltale_method="loop"))
     tokens, _ = run(llm, telltale_method="off")  # the engine is unaffected
     assert tokens == plain_tokens
 

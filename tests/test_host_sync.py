@@ -80,7 +80,8 @@ def rerun(h, r):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_layer_steps_make_no_host_sync_and_build_nothing_from_host_data(method, monkeypatch):
-    config = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"})
+    config = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2",
+                                      "TELLTALE_ALLOW_LOOP": "1"})
     rt = TelltaleRuntime(config, num_layers=4, hidden_size=H, max_num_seqs=8)
     extra = METHODS[method]
     gen = torch.Generator().manual_seed(0)

@@ -1,7 +1,8 @@
 """loop (ALRR) inside a real vLLM CPU engine: re-runs happen exactly where and as often as the
 rule says, never write the KV cache, start from copies of the layer's output, leave requests
 without loop alone, run inside the compiled graph, and agree token for token and decision for
-decision with an independent plain-PyTorch decoder (tests/reference_decoder.py).
+decision with an independent plain-PyTorch decoder (tests/reference_decoder.py; gpt-oss in
+tests/test_reference_gpt_oss.py).
 
 Worker-side checks go through `LLM.collective_rpc(callable)`: vLLM only ships a callable to
 its engine process with VLLM_ALLOW_INSECURE_SERIALIZATION=1 (`v1/serial_utils.py`), and the
@@ -19,7 +20,8 @@ import pytest
 
 import telltale_norm
 from conftest import PROMPTS, greedy, token_ids, vllm_engine
-from reference_decoder import LoopSettings, ReferenceDecoder
+from reference_checks import loop_matches_reference, suppress_matches_reference
+from reference_decoder import ReferenceDecoder
 
 # The engine core is spawned: ship this module's worker-side functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -117,8 +119,7 @@ def _w_rerun_writes_cache(worker, on):
     from telltale_norm.vllm_adapter import op, rerun
 
     if on:
-        op.rerun_layer = lambda layer, positions, h, r: layer._telltale_original_forward(
-            positions, h, r)
+        op.rerun_layer = rerun.call_layer  # the same call, slot mapping left in place
     else:
         op.rerun_layer = rerun.rerun_layer
     return True
@@ -363,72 +364,11 @@ def test_loop_and_off_requests_share_a_batch(llm, off_tokens, forced):
 
 
 # ---------------------------------------------------------------- 5: reference decoder
-DIFF_STEPS = 40
-DIFF_PROMPTS = PROMPTS[:2]
-
-
-def middle_gap_tau(norms: np.ndarray) -> float:
-    """A tau between the 35th and 65th percentile of `norms`, in the widest gap between two
-    observed norms there (decisions far from tau survive float32 noise)."""
-    values = np.sort(norms)
-    lo, hi = int(0.35 * len(values)), int(0.65 * len(values))
-    gaps = values[lo + 1:hi + 1] - values[lo:hi]
-    k = lo + int(np.argmax(gaps))
-    return float((values[k] + values[k + 1]) / 2)
-
-
-def compare_with_reference(llm, model_dir):
-    ref = ReferenceDecoder(model_dir)
-    outputs = llm.generate(DIFF_PROMPTS, greedy(DIFF_STEPS, telltale_method="monitor",
-                                                telltale_trace=1), use_tqdm=False)
-    monitor = {t.request_id: t for t in telltale_norm.traces(llm)}
-    norms = np.concatenate([monitor[o.request_id].norm for o in outputs])
-    tau = {layer: middle_gap_tau(norms[:, i]) for i, layer in enumerate(LAYERS)}
-    # On these models a re-run grows the norm by 20-80 %: BLOWUP 2 and GROWTH_EPS 0.3 let some
-    # tokens keep one or two re-runs and stop others by either rule (none can stop by tau).
-    loop = LoopSettings(tau=tau, max_extra=2, growth_eps=0.3, blowup=2.0, alpha=0.75)
-
-    telltale_norm.reset_stats(llm)
-    outputs = llm.generate(DIFF_PROMPTS, greedy(
-        DIFF_STEPS, telltale_method="loop", telltale_tau_json=json.dumps(tau),
-        telltale_max_extra=loop.max_extra, telltale_growth_eps=loop.growth_eps,
-        telltale_blowup=loop.blowup, telltale_alpha=loop.alpha, telltale_trace=1),
-        use_tqdm=False)
-    stats = telltale_norm.stats(llm)
-    traces = {t.request_id: t for t in telltale_norm.traces(llm)}
-    cols = list(LAYERS)
-    totals = dict.fromkeys(("reruns", "rerun_tokens", "rerun_taken", "rerun_stopped_tau",
-                            "rerun_stopped_growth", "rerun_stopped_blowup"), 0)
-    for out in outputs:
-        gen = ref.generate(list(out.prompt_token_ids), DIFF_STEPS, loop)
-        trace = traces[out.request_id]
-        assert list(out.outputs[0].token_ids) == gen.tokens
-        # decisions must not sit on a rule's boundary, or float32 noise could flip them
-        assert gen.margin[:, cols].min() > 1e-5, gen.margin[:, cols].min()
-        np.testing.assert_array_equal((trace.action & 2) > 0, gen.taken[:, cols] > 0)
-        np.testing.assert_allclose(trace.norm, gen.norm[:, cols], rtol=1e-4)
-        np.testing.assert_allclose(trace.tau, np.broadcast_to(
-            [tau[layer] for layer in LAYERS], trace.tau.shape), rtol=1e-6)
-        totals["reruns"] += gen.runs[:, cols].sum(0)
-        totals["rerun_tokens"] += gen.entered[:, cols].sum(0)
-        totals["rerun_taken"] += gen.taken[:, cols].sum(0)
-        for why in ("tau", "growth", "blowup"):
-            totals[f"rerun_stopped_{why}"] += getattr(gen, f"stopped_{why}")[:, cols].sum(0)
-    for key, value in totals.items():
-        assert per_layer(stats, key) == dict(zip(LAYERS, value.tolist())), key
-    # some but not all tokens kept a re-run; some ran a second one; both stopping rules fired
-    decode = len(DIFF_PROMPTS) * (DIFF_STEPS - 1)
-    assert all(0 < t < decode for t in totals["rerun_taken"]), totals
-    assert (totals["reruns"] > totals["rerun_tokens"]).all(), totals
-    assert totals["rerun_stopped_growth"].sum() > 0 and totals["rerun_stopped_blowup"].sum() > 0
-    return totals
-
-
 def test_reference_decoder_matches_transformers(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    for arch in ("llama", "qwen2", "qwen3"):
+    for arch in ("llama", "qwen2", "qwen3", "gpt_oss"):
         path = tiny_model(arch)
         ref = ReferenceDecoder(path)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -444,13 +384,17 @@ def test_reference_decoder_matches_transformers(tiny_model):
 
 
 def test_vllm_loop_matches_reference_llama(llm, tiny_model):
-    compare_with_reference(llm, tiny_model("llama"))
+    loop_matches_reference(llm, tiny_model("llama"))
+
+
+def test_vllm_suppress_matches_reference_llama(llm, tiny_model):
+    suppress_matches_reference(llm, tiny_model("llama"), "mul")
 
 
 @pytest.mark.engine
 def test_vllm_loop_matches_reference_qwen3(tiny_model):
     with vllm_engine(tiny_model("qwen3"), ENGINE_ENV, **ENGINE_KWARGS) as engine:
-        compare_with_reference(engine, tiny_model("qwen3"))
+        loop_matches_reference(engine, tiny_model("qwen3"))
 
 
 # ---------------------------------------------------------------- 7: compiled engine

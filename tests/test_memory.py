@@ -8,7 +8,7 @@ import pytest
 
 import telltale_norm
 from conftest import greedy, vllm_engine
-from telltale_norm.layer import COUNTERS
+from telltale_norm.runtime import COUNTERS
 from telltale_norm.requests import PARAM_COLUMNS
 from telltale_norm.thresholds import DEFAULT_BINS
 
@@ -29,10 +29,10 @@ def documented_bytes(dtype_bytes: int) -> dict[str, int]:
     per_slot_tables = 4 * len(PARAM_COLUMNS) + NUM_LAYERS * (4 + 1) + 8 + 8
     per_slot_banks = (LAYERS * ((BANK_K + 1) * HIDDEN * dtype_bytes + BANK_K * 4 + 2 * 4)
                       + (LOG + 1) * (HIDDEN * dtype_bytes + 8) + 8)
-    per_token = 4 * 8 + 1 + LAYERS * 3 * 4
+    per_token = 4 * 8 + 1 + LAYERS * 4 * 4  # step metadata, ttts rows, the record, loop bits
     stats = NUM_LAYERS * (DEFAULT_BINS * 8 + 8) + len(COUNTERS) * NUM_LAYERS * 8
     return {"slot_bytes": slots * per_slot_tables, "bank_bytes": slots * per_slot_banks,
-            "step_bytes": TOKENS * per_token, "stats_bytes": stats}
+            "step_bytes": TOKENS * per_token + 1, "stats_bytes": stats}
 
 
 def test_memory_is_allocated_at_start_and_does_not_grow_at_full_concurrency(tiny_model):

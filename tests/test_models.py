@@ -209,13 +209,20 @@ def test_tiny_model_runs_in_transformers(arch, tiny_dir, tokenizer):
     config = json.loads((path / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and config["hidden_size"] == 64
     assert config["vocab_size"] == len(tokenizer) == VOCAB
-    assert config["dtype"] == "float32"
+    assert config["dtype"] == ("bfloat16" if arch == "qwen3_next" else "float32")
     assert (path / "tokenizer.json").is_file()
 
     model = _hf_model(path)
     assert type(model).__name__ == config["architectures"][0]
-    attn = model.model.layers[0].self_attn
-    assert attn.head_dim == 32  # the smallest head size vLLM's CPU attention accepts
+    # head sizes that vLLM's CPU kernels accept
+    if arch == "deepseek_v2":  # the CPU MLA kernel: latent rank + RoPE dims = 576
+        assert config["kv_lora_rank"] + config["qk_rope_head_dim"] == 576
+    elif arch == "qwen3_next":  # gated delta-net and attention heads of 128
+        assert config["layer_types"] == ["linear_attention", "full_attention"] * 2
+        assert (config["linear_key_head_dim"], config["linear_value_head_dim"],
+                config["head_dim"]) == (128, 128, 128)
+    else:
+        assert model.model.layers[0].self_attn.head_dim == 32  # the smallest CPU head size
 
     norms = []
     continuations = []

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import soak  # noqa: E402  (bench/soak.py: the soak's phase runner, reused at small size)
 
-MONITOR_ENV = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"}
+MONITOR_ENV = {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2", "TELLTALE_ALLOW_LOOP": "1"}
 TAU_HUGE = json.dumps({"1": 1e30, "2": 1e30})
 TAU0 = json.dumps({"1": 0, "2": 0})
 MAX_TOKENS = 24  # for the PROMPTS reference run (TP=1 vs TP=2)
@@ -442,7 +442,7 @@ def run_runtime(order: list[str], pad: int, extra_request: bool, steps: int = 12
     """Feed one TelltaleRuntime a prefill step and `steps` decode steps of DECISION_REQUESTS
     in batch `order`, with `pad` padding rows; return per request and step the edited
     outputs of layers 1 and 2, and the runtime."""
-    config = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"})
+    config = TelltaleConfig.from_env(MONITOR_ENV)
     runtime = TelltaleRuntime(config, num_layers=4, hidden_size=16, max_len=64)
     requests = dict(DECISION_REQUESTS)
     if extra_request:  # a neighbour that exists in one batch only
@@ -492,7 +492,7 @@ def test_runtime_decisions_do_not_depend_on_batch_order_padding_or_neighbours():
 def traced_run(requests: dict[str, dict], order: list[str], steps: int = 8):
     """A runtime (engine layers 1,2) running `order` for a prefill and `steps` decode
     steps on per-token inputs; returns each request's finished trace."""
-    config = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"})
+    config = TelltaleConfig.from_env(MONITOR_ENV)
     runtime = TelltaleRuntime(config, num_layers=4, hidden_size=16, max_len=64)
     index = {rid: i for i, rid in enumerate(sorted(requests))}
     prompt = np.full(len(order), 4)

@@ -82,6 +82,9 @@ class StepBuffers:
         for i, name in enumerate(self.FIELDS):
             setattr(self, name, self._packed[i])
         self.ttts_valid = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        # False outside a step: vLLM's warm-up and dummy runs pass through the layer steps
+        # too, and must not act on the last step's requests
+        self.live = torch.zeros(1, dtype=torch.bool, device=device)
         self._valid_host = np.zeros(max_tokens, dtype=bool)
         self._written = 0  # rows the last step wrote (reset to null by the next write)
 
@@ -99,8 +102,13 @@ class StepBuffers:
         n = max(t, self._written)
         self._packed[:, :n].copy_(torch.from_numpy(host[:, :n]), non_blocking=True)
         self.ttts_valid[:n].copy_(torch.from_numpy(self._valid_host[:n]), non_blocking=True)
+        self.live.fill_(True)
         self._written = t
+
+    def close(self) -> None:
+        """The step's forward is done (queued): later runs see no step."""
+        self.live.fill_(False)
 
     def nbytes(self) -> int:
         return (self._packed.numel() * self._packed.element_size()
-                + self.ttts_valid.numel())
+                + self.ttts_valid.numel() + self.live.numel())

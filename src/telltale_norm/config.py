@@ -233,6 +233,9 @@ _SETTINGS_SPEC: list[tuple[str, str, Callable[[Any], Any], bool, str]] = [
     ("VLLM_PATCH_DUMP_EVERY", "dump_every", _number(int, 0), False, "dump_every"),
     # refuse vLLM versions the plugin is not tested with (else: a warning, internals checked)
     ("TELLTALE_STRICT_VLLM", "strict_vllm", _flag, False, "strict_vllm"),
+    # allow loop per request on an engine started with another method (loop re-runs layers in
+    # Python, so its layers leave the compiled graph and CUDA graphs become piecewise)
+    ("TELLTALE_ALLOW_LOOP", "allow_loop", _flag, False, "allow_loop"),
 ]
 
 SETTINGS: tuple[Setting, ...] = tuple(
@@ -301,6 +304,7 @@ class TelltaleConfig:
     stats_path: str | None = None
     dump_every: int = 0
     strict_vllm: bool = False
+    allow_loop: bool = False
     # Calibrated tau read from `state_path` at `q` (layer -> tau); filled by validation.
     calibrated_tau: tuple[tuple[int, float], ...] | None = field(default=None, compare=False)
 
@@ -368,6 +372,18 @@ class TelltaleConfig:
     @property
     def active(self) -> bool:
         return self.method != "off"
+
+    @property
+    def loop_possible(self) -> bool:
+        """Whether requests may use loop on an engine started with this config."""
+        return self.method == "loop" or self.allow_loop
+
+    def graph_key(self, num_layers: int) -> dict[str, Any]:
+        """The settings that shape the plugin's part of the compiled graph (which layers
+        hold the step, where loop's op sits, the buffers' shapes). Everything else (tau,
+        probabilities, seeds, paths, per-request defaults) is data in the step's tables."""
+        return {"layers": list(self.patched_layers(num_layers)), "loop": self.loop_possible,
+                "bank_k": self.ttts_bank_k, "replay_log": self.ttts_replay_log}
 
     @property
     def warmup_steps(self) -> int:
@@ -438,6 +454,12 @@ def check_request(request: TelltaleConfig, engine: TelltaleConfig, num_layers: i
     layers = request.patched_layers(num_layers, source="telltale_layers")
     if request.method == "off":
         return
+    if request.method == "loop" and not engine.loop_possible:
+        raise ConfigError(
+            f"telltale_method=loop: this engine was started with VLLM_PATCH={engine.method}, "
+            "where loop is not possible (its re-runs need Python at the patched layers, so "
+            "they leave the compiled graph); allowed: another method, or start the engine "
+            "with VLLM_PATCH=loop, or with TELLTALE_ALLOW_LOOP=1 to allow loop per request")
     engine_layers = engine.patched_layers(num_layers)
     outside = sorted(set(layers) - set(engine_layers))
     if outside:

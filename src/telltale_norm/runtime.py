@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from telltale_norm.batch import StepBuffers, StepPlan, plan_step
+from telltale_norm.batch import REPLAY, StepBuffers, StepPlan, plan_step
 from telltale_norm.config import ConfigError, TelltaleConfig, check_request
-from telltale_norm.layer import COUNTERS, LayerStep
-from telltale_norm.methods.loop import Agree, Rerun
+from telltale_norm.layer import STEP_COUNTERS, LayerStep
+from telltale_norm.methods.loop import LOOP_COUNTERS, Agree, LoopLayer, Rerun
 from telltale_norm.methods.rerank import candidate_scores
-from telltale_norm.methods.ttts import Banks
+from telltale_norm.methods.ttts_banks import Banks
 from telltale_norm.push import PushQueue
 from telltale_norm.requests import COL, METHOD_ID, OFF, RequestStates, request_row
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
@@ -36,6 +36,7 @@ LOOP, TTTS, RERANK = METHOD_ID["loop"], METHOD_ID["ttts"], METHOD_ID["rerank"]
 # What the adapter tells about a request the first time it is scheduled: its
 # SamplingParams.extra_args, its seed (None when unseeded) and its sample index (n > 1).
 RequestInfo = Callable[[str], tuple[Mapping[str, Any] | None, int | None, int]]
+COUNTERS = (*STEP_COUNTERS[:2], *LOOP_COUNTERS, *STEP_COUNTERS[2:])  # in stats' order
 
 
 class TelltaleRuntime:
@@ -51,9 +52,11 @@ class TelltaleRuntime:
         self.patched_layers = config.patched_layers(num_layers)
         self.states = RequestStates(num_layers, max_num_seqs, self.device)
         self.quantiles = StreamingQuantiles(num_layers, self.device)
-        counters = torch.zeros(len(COUNTERS), num_layers, dtype=torch.float64,
-                               device=self.device)
-        self.counters = {name: counters[i] for i, name in enumerate(COUNTERS)}
+        step_counters, loop_counters = (
+            torch.zeros(len(names), num_layers, dtype=torch.float64, device=self.device)
+            for names in (STEP_COUNTERS, LOOP_COUNTERS))
+        self.counters = {**{name: step_counters[i] for i, name in enumerate(STEP_COUNTERS)},
+                         **{name: loop_counters[i] for i, name in enumerate(LOOP_COUNTERS)}}
         self.decode_steps = 0
         self.prefill_steps = 0
         self.rejected_requests = 0  # ran unpatched: bad settings, or no slot left
@@ -63,9 +66,12 @@ class TelltaleRuntime:
                            config.ttts_replay_log, hidden_size, dtype)
         self.buffers = StepBuffers(max_num_tokens, self.states.null_slot, self.device)
         self._decode_steps = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.layer_step = LayerStep(self.states, self.buffers, self.quantiles, counters,
-                                    self.banks, self.traces, self._decode_steps,
-                                    agree or (lambda mask: mask))
+        self.layer_step = LayerStep(self.states, self.buffers, self.quantiles, step_counters,
+                                    self.banks, self.traces, self._decode_steps)
+        self.loop_layer = LoopLayer(
+            self.states.tables["params"], self.buffers.token_slot,
+            lambda t: (self.buffers.flags[:t] & REPLAY) != 0, loop_counters,
+            self.traces.loop_action, self.traces.column, agree or (lambda mask: mask))
         # rerank requests: rows pushed with the outputs; kept traces scored when they finish
         self.push = PushQueue(self.patched_layers)
         self.rerank_requests = 0
@@ -167,8 +173,9 @@ class TelltaleRuntime:
         self.prefill_steps += bool((~plan.decode).any())
         self.decode_steps += bool((plan.decode & active).any())
         loop = plan.token_slot[(states.method[plan.token_slot] == LOOP) & plan.decode]
-        self.layer_step.loop_limit = int(states.params[loop, COL["loop_max_extra"]].max(
-            initial=0))
+        self.loop_layer.limit = int(states.params[loop, COL["loop_max_extra"]].max(initial=0))
+        if self.config.loop_possible:
+            self.traces.loop_action.zero_()  # no stale re-run bits in this step's traces
         states.sync()
         self.buffers.write(plan)
         self._decode_steps.fill_(self.decode_steps)
@@ -177,19 +184,20 @@ class TelltaleRuntime:
     def end_step(self) -> None:
         """The step's forward is done: start moving its traced rows to the host."""
         if self._plan is not None:
+            self.buffers.close()
             self.traces.end_step(self._plan)
         self._plan = None
 
     def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
                  rerun: Rerun | None = None) -> None:
-        """`layer_step` applied in place: the layer's outputs are edited for this step.
-        `rerun` runs this layer again without writing the KV cache (needed by loop)."""
+        """`layer_step`, then loop's re-runs where `rerun` is given (it runs this layer
+        again without writing the KV cache), editing the layer's outputs in place."""
         if self._plan is None or layer not in self.patched_layers:
             return
-        new_hidden, new_residual = self.layer_step(layer, hidden, residual, rerun)
+        new_hidden, _, gate = self.layer_step(layer, hidden, residual)
         hidden.copy_(new_hidden)
-        if new_residual is not residual:
-            residual.copy_(new_residual)
+        if rerun is not None and residual is not None:
+            self.loop_layer(layer, hidden, residual, gate, rerun)
 
     # ------------------------------------------------------------ statistics
     def default_tau(self, layer: int) -> float | None:

@@ -66,7 +66,9 @@ class RequestTrace:
 class _Pending:
     """A step's record on its way to the host, and which of its rows to keep."""
 
-    rows: torch.Tensor  # [tokens, layers, 3] on the host (filled once `ready` is done)
+    # the record [tokens, layers, 3] and loop's bits [tokens, layers] on the host (filled
+    # once `ready` is done)
+    rows: tuple[torch.Tensor, torch.Tensor]
     ready: torch.cuda.Event | None
     token: np.ndarray  # index of each kept token in the step
     slot: np.ndarray
@@ -84,9 +86,13 @@ class TraceRecorder:
         self.column = {layer: i for i, layer in enumerate(layers)}
         self.record = torch.zeros(max_tokens, len(layers), 3, dtype=torch.float32,
                                   device=device)
+        # loop's re-run bits, written by loop's Python after the compiled step (a buffer of
+        # its own: the graph's write of the record could land after them)
+        self.loop_action = torch.zeros(max_tokens, len(layers), dtype=torch.float32,
+                                       device=device)
         pin = device.type == "cuda"
-        self._host = torch.zeros(max_tokens, len(layers), 3, dtype=torch.float32,
-                                 pin_memory=pin)
+        self._host = (torch.zeros(max_tokens, len(layers), 3, pin_memory=pin),
+                      torch.zeros(max_tokens, len(layers), pin_memory=pin))
         self._pending: _Pending | None = None
         self._steps: dict[int, list[np.ndarray]] = {}  # slot -> recorded rows [layers, 3]
         rows = states.capacity + 1
@@ -103,8 +109,9 @@ class TraceRecorder:
             return
         token = np.flatnonzero(keep)
         t = plan.num_tokens
-        rows = self._host[:t]
-        rows.copy_(self.record[:t], non_blocking=True)
+        rows = (self._host[0][:t], self._host[1][:t])
+        rows[0].copy_(self.record[:t], non_blocking=True)
+        rows[1].copy_(self.loop_action[:t], non_blocking=True)
         ready = None
         if self.record.is_cuda:
             ready = torch.cuda.Event()
@@ -125,7 +132,8 @@ class TraceRecorder:
             return []
         if pending.ready is not None:
             pending.ready.synchronize()  # done already: vLLM synchronised after the step
-        rows = pending.rows.numpy()[pending.token]
+        rows = pending.rows[0].numpy()[pending.token]
+        rows[:, :, ACTION] += pending.rows[1].numpy()[pending.token]  # loop's bits too
         new = []
         for slot, step, row in zip(pending.slot.tolist(), pending.decode_step.tolist(), rows):
             if step >= self.max_steps:
@@ -164,4 +172,4 @@ class TraceRecorder:
         return [self.outbox.pop(key) for key in keys]
 
     def nbytes(self) -> int:
-        return self.record.numel() * self.record.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.record, self.loop_action))

@@ -11,6 +11,7 @@ the step), so each pass runs all tokens and only the active ones take the result
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import torch
 import torch.distributed
 
 from telltale_norm.norms import token_norms
+from telltale_norm.requests import COL
+from telltale_norm.traces import ACTION_RERUN
 
 # Runs the layer again on (hidden, residual) of the whole (padded) step, without writing the
 # KV cache, and returns its new (hidden, residual). Must not modify its arguments.
@@ -102,3 +105,56 @@ def loop_step(hidden: torch.Tensor, residual: torch.Tensor, norms: torch.Tensor,
                                       result.residual)
         n_prev = torch.where(active, n_new, n_prev)
     return result
+
+
+# Per-layer counters of loop, written by its Python only (never inside a compiled graph,
+# whose writes to shared state could land after them).
+LOOP_COUNTERS = (
+    "reruns",  # token re-runs (a token in 2 extra passes counts 2)
+    "rerun_tokens",  # tokens that entered a re-run
+    "rerun_taken",  # re-run outputs kept (passed every stopping rule)
+    "rerun_stopped_tau", "rerun_stopped_growth", "rerun_stopped_blowup",  # why they stopped
+    "rerun_layer_passes",  # extra executions of the layer (each runs the whole step)
+)
+
+
+class LoopLayer:
+    """Loop's part of a layer, after the graph-safe step (`layer.LayerStep`): reads the
+    step's `gate` (norms, and tau where loop may act) and re-runs the layer in place."""
+
+    def __init__(self, slot_params: torch.Tensor, token_slot: torch.Tensor,
+                 replay: Callable[[int], torch.Tensor], counters: torch.Tensor,
+                 action: torch.Tensor, column: dict[int, int], agree: Agree) -> None:
+        self.slot_params, self.token_slot, self.replay = slot_params, token_slot, replay
+        self.counters = counters  # [len(LOOP_COUNTERS), layers]
+        self.action = action  # [tokens, patched layers]: ACTION_RERUN where a re-run was kept
+        self.column, self.agree = column, agree
+        self.limit = 0  # the step's largest LOOP_MAX_EXTRA (host, set per step)
+
+    def __call__(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
+                 gate: torch.Tensor, rerun: Rerun) -> None:
+        """Re-run `layer` for its active tokens, editing `hidden`/`residual` in place."""
+        if not self.limit:  # no loop request in this step: no synchronisation either
+            return
+        t = hidden.shape[0]
+        norms, tau = gate[:, 0], gate[:, 1]
+        params = self.slot_params[self.token_slot[:t]]
+        result = loop_step(
+            hidden, residual, norms, torch.nan_to_num(tau, nan=math.inf), ~torch.isnan(tau),
+            max_extra=params[:, COL["loop_max_extra"]].long(),
+            growth_eps=params[:, COL["loop_growth_eps"]],
+            blowup=params[:, COL["loop_blowup"]], alpha=params[:, COL["loop_alpha"]],
+            rerun=rerun, limit=self.limit, agree=self.agree)
+        if not result.layer_passes:
+            return
+        hidden.copy_(result.hidden)
+        residual.copy_(result.residual)
+        new = ~self.replay(t)  # replayed tokens were counted when they were decoded
+        count = self.counters[:, layer]
+        for i, values in enumerate((result.runs, result.entered, result.taken,
+                                    result.stopped_tau, result.stopped_growth,
+                                    result.stopped_blowup)):
+            count[i] += (values * new).sum()
+        count[len(LOOP_COUNTERS) - 1] += result.layer_passes
+        if layer in self.column:
+            self.action[:t, self.column[layer]] = (result.taken > 0).float() * ACTION_RERUN

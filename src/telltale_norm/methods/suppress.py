@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from telltale_norm.norms import scale_residual_stream
+from telltale_norm.requests import COL
+
 
 def suppress_factors(
     norms: torch.Tensor,
@@ -32,3 +35,21 @@ def suppress_factors(
     clamp = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
     factor = torch.where(clamp_action, clamp, mul_scale)
     return torch.where(chosen, factor, torch.ones_like(factor)), chosen
+
+
+def suppress_layer(hidden: torch.Tensor, residual: torch.Tensor | None, norms: torch.Tensor,
+                   tau: torch.Tensor, params: torch.Tensor, eligible: torch.Tensor,
+                   output: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's suppress for a step's tokens: `params` are their requests' parameter rows
+    (`requests.PARAM_COLUMNS`), `eligible` the tokens of suppress requests whose tau may be
+    acted on, `output` their output tokens (prompt tokens are touched only where
+    VLLM_SUPPRESS_ONLY_DECODE is 0), `draws` their uniform draws. Returns the new hidden
+    and the chosen tokens."""
+    factor, chosen = suppress_factors(
+        norms, tau, eligible & (output | (params[:, COL["suppress_only_decode"]] <= 0)),
+        random_mode=params[:, COL["suppress_random"]] > 0, draws=draws,
+        p=params[:, COL["suppress_p"]],
+        clamp_action=params[:, COL["suppress_clamp"]] > 0,
+        mul_scale=params[:, COL["suppress_mul_scale"]],
+        clamp_div=params[:, COL["suppress_clamp_div"]])
+    return scale_residual_stream(hidden, residual, factor, chosen), chosen

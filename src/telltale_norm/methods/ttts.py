@@ -16,12 +16,11 @@ trigger simply take no injection).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 
-from telltale_norm.requests import COL, RequestStates
+from telltale_norm.requests import COL
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,10 @@ class TttsSettings:
     def from_params(cls, params: torch.Tensor) -> TttsSettings:
         """The settings of the requests whose parameter rows (`requests.PARAM_COLUMNS`) are
         `params` `[R, columns]`."""
-        return cls(*(params[:, COL[f"ttts_{f.name}"]] for f in dataclasses.fields(cls)))
+        return cls(**{name: params[:, COL[f"ttts_{name}"]] for name in _SETTINGS})
+
+
+_SETTINGS = tuple(f.name for f in dataclasses.fields(TttsSettings))  # a constant when traced
 
 
 @dataclass(frozen=True)
@@ -128,80 +130,3 @@ def _nearest(x: torch.Tensor, n: torch.Tensor, bank: torch.Tensor, bank_norm: to
     best = torch.where(cos == best_cos.unsqueeze(1), bank_norm, -torch.inf).argmax(dim=1)
     chosen = bank.gather(1, best.view(-1, 1, 1).expand(-1, 1, x.shape[1])).squeeze(1)
     return best_cos, torch.where(hit.gather(1, best.unsqueeze(1)), x, chosen)
-
-
-class Banks:
-    """The banks, streaks and cooldowns of all slots, and the log of their injections, in
-    slot buffers allocated once (`RequestStates.register_buffer`).
-
-    Memory per slot and patched layer: (BANK_K + 1) x hidden size in the model's dtype for
-    the bank (the extra entry absorbs the writes of rows that insert nothing, so writes need
-    no mask) and BANK_K x 4 + 8 bytes of norms and streaks; per slot, (`log_capacity` + 1) x
-    (hidden size in the model's dtype + 8 bytes) for the log of its injections: each
-    injected token's new hidden row, put back when a preempted request is recomputed
-    (injections past the capacity are counted, not logged).
-    """
-
-    def __init__(self, states: RequestStates, layers: tuple[int, ...], bank_k: int,
-                 log_capacity: int, hidden_size: int, dtype: torch.dtype) -> None:
-        self.column = {layer: i for i, layer in enumerate(layers)}
-        self.k = bank_k
-        self.log_capacity = log_capacity
-        n, k, c = len(layers), bank_k + 1, log_capacity + 1
-        register = states.register_buffer
-        self.bank = register("ttts_bank", (n, k, hidden_size), dtype)
-        self.bank_norm = register("ttts_bank_norm", (n, bank_k), torch.float32, -math.inf)
-        self.streaks = register("ttts_streaks", (n, 2), torch.float32)  # low streak, cooldown
-        self.log_key = register("ttts_log_key", (c,), torch.int64, -1)  # position x n + col
-        self.log_row = register("ttts_log_row", (c, hidden_size), dtype)
-        self.log_count = register("ttts_log_count", (), torch.int64)
-        self._names = ("ttts_bank", "ttts_bank_norm", "ttts_streaks", "ttts_log_key",
-                       "ttts_log_row", "ttts_log_count")
-        self.states = states
-
-    def read(self, slots: torch.Tensor, layer: int) -> BankState:
-        c = self.column[layer]
-        streaks = self.streaks[slots, c]
-        return BankState(self.bank[slots, c, :self.k], self.bank_norm[slots, c],
-                         streaks[:, 0], streaks[:, 1])
-
-    def write(self, slots: torch.Tensor, layer: int, out: TttsOutcome, x: torch.Tensor
-              ) -> None:
-        c = self.column[layer]
-        at = torch.where(out.inserted_at >= 0, out.inserted_at, self.k)  # or the spare entry
-        self.bank[slots, c, at] = x.to(self.bank.dtype)
-        self.bank_norm[slots, c] = out.bank_norm
-        self.streaks[slots, c] = torch.stack(
-            [out.low_streak, out.cooldown.to(out.low_streak.dtype)], 1).float()
-
-    def log(self, slots: torch.Tensor, position: torch.Tensor, layer: int,
-            injected: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Log the injected tokens' new hidden `rows` for replay; returns how many did not
-        fit (a 0-dim tensor)."""
-        count = self.log_count[slots]
-        logged = injected & (count < self.log_capacity)
-        at = torch.where(logged, count, self.log_capacity)  # or the spare entry
-        key = position * len(self.column) + self.column[layer]
-        self.log_key[slots, at] = torch.where(logged, key, -1)
-        self.log_row[slots, at] = rows.to(self.log_row.dtype)
-        self.log_count[slots] = count + logged.long()
-        return (injected & ~logged).sum()
-
-    def logged_rows(self, slots: torch.Tensor, position: torch.Tensor, layer: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The hidden rows logged for (`slots`, `position`) on `layer` when they were
-        decoded, and where there was one."""
-        if not self.log_capacity:  # nothing is logged (TTTS_REPLAY_LOG=0)
-            return self.log_row[slots, 0], torch.zeros_like(slots, dtype=torch.bool)
-        key = position * len(self.column) + self.column[layer]
-        match = self.log_key[slots, :self.log_capacity] == key.unsqueeze(1)
-        found = match.any(1)
-        return self.log_row[slots, match.int().argmax(1)], found
-
-    def live(self, slots: list[int], method_id: int) -> int:
-        """Banks of live ttts requests (one per patched layer each)."""
-        return int((self.states.method[slots] == method_id).sum()) * len(self.column)
-
-    def nbytes(self) -> int:
-        return sum(self.states.buffer(n).numel() * self.states.buffer(n).element_size()
-                   for n in self._names)

@@ -83,9 +83,10 @@ def _refuse_model_runner_v2(causes: list[str]) -> None:
             f"Remove {' and '.join(causes)} (the plugin selects the V1 runner itself)")
 
 
-def adapt(vllm_config: Any, cuda: bool | None = None) -> None:
-    """Check the built engine config; on CUDA keep the plugin's op out of CUDA graphs.
-    `cuda` defaults to the platform vLLM detected (tests pass True to check the GPU path)."""
+def adapt(vllm_config: Any, loop_possible: bool, cuda: bool | None = None) -> None:
+    """Check the built engine config. Where loop is possible, keep its op out of CUDA
+    graphs on CUDA (elsewhere the plugin's step is graph-safe and CUDA graphs stay as they
+    are). `cuda` defaults to the platform vLLM detected (tests pass True for the GPU path)."""
     cuda = _gpu() if cuda is None else cuda
     if vllm_config.use_v2_model_runner:
         _refuse_model_runner_v2(_v2_causes(
@@ -99,7 +100,7 @@ def adapt(vllm_config: Any, cuda: bool | None = None) -> None:
             "parallel, TP > 1 and DP > 1)",
             "each rank's layer outputs hold only a slice of the step's tokens",
             "Use another --all2all-backend or no expert parallel")
-    if cuda:
+    if cuda and loop_possible:
         _keep_op_out_of_cuda_graphs(vllm_config.compilation_config)
 
 
@@ -113,19 +114,21 @@ def _keep_op_out_of_cuda_graphs(cc: Any) -> None:
         return  # nothing is replayed: the op runs every step
     if cc.mode != CompilationMode.VLLM_COMPILE:
         raise _refuse(
-            f"CUDA graphs (cudagraph_mode={cc.cudagraph_mode.name}) without vLLM's "
+            f"loop and CUDA graphs (cudagraph_mode={cc.cudagraph_mode.name}) without vLLM's "
             f"compilation (mode={cc.mode.name}; set by -cc.mode, VLLM_USE_BREAKABLE_CUDAGRAPH=1 "
             "(vLLM turns it on for some models), VLLM_BATCH_INVARIANT=1 or "
             "TORCH_COMPILE_DISABLE=1)",
             "the graph would be cut only at vLLM's attention ops and replay without running "
-            "the plugin's step", "Set VLLM_USE_BREAKABLE_CUDAGRAPH=0 and keep the default "
-            "compilation, or disable CUDA graphs (-cc.cudagraph_mode=NONE / enforce_eager)")
+            "loop's re-runs", "Set VLLM_USE_BREAKABLE_CUDAGRAPH=0 and keep the default "
+            "compilation, disable CUDA graphs (-cc.cudagraph_mode=NONE / enforce_eager), or "
+            "start the engine without loop (no VLLM_PATCH=loop, no TELLTALE_ALLOW_LOOP=1)")
     if not cc.splitting_ops:
         raise _refuse(
-            f"splitting_ops={cc.splitting_ops!r}",
-            "a graph cut nowhere replays without running the plugin's step",
-            "Keep vLLM's default splitting_ops (the plugin adds its op to them)")
-    # The op must run as Python every step: split the graph at it (keeping vLLM's own
+            f"loop and splitting_ops={cc.splitting_ops!r}",
+            "a graph cut nowhere replays without running loop's re-runs",
+            "Keep vLLM's default splitting_ops (the plugin adds its op to them), or start the "
+            "engine without loop")
+    # Loop's op must run as Python every step: split the graph at it (keeping vLLM's own
     # splitting ops) and capture piecewise CUDA graphs only, since a full graph replays
     # without running any Python.
     if OP_NAME not in cc.splitting_ops:

@@ -21,6 +21,7 @@ import logging
 
 from telltale_norm.config import REQUEST_PREFIX, ConfigError, TelltaleConfig, check_request
 from telltale_norm.vllm_adapter import best_of, deployment, internals
+from telltale_norm.vllm_adapter.loop_layers import check_loop_request
 
 logger = logging.getLogger("vllm.telltale_norm")
 
@@ -54,20 +55,39 @@ def _create_engine_config(original):
         config = TelltaleConfig.from_env()
         if not config.active:
             return original(self, *args, **kwargs)
-        # The settings travel to every engine process inside the engine config, and vLLM hashes
-        # additional_config into its compile-cache key (which ignores environment variables),
-        # so a graph compiled without the op, or for other settings, is never reused.
+        # The settings travel to every engine process inside the engine config; vLLM hashes
+        # their graph-shaping part into its compile-cache key (see `_compute_hash`), so a
+        # graph compiled without the plugin, or for other layers, is never reused.
         self.additional_config = {**(self.additional_config or {}),
                                   CONFIG_KEY: config.to_env()}
         deployment.prepare(self)
         vllm_config = original(self, *args, **kwargs)
         layers = config.patched_layers(_num_layers(vllm_config.model_config))
-        deployment.adapt(vllm_config)
+        deployment.adapt(vllm_config, config.loop_possible)
         logger.info("telltale-norm: VLLM_PATCH=%s on layers %s (%s)", config.method,
                     list(layers), _tau_summary(config))
         return vllm_config
 
     return create_engine_config
+
+
+def _compute_hash(original):
+    def compute_hash(self, *args, **kwargs):
+        # vLLM keys its compile cache by this hash, additional_config included. Hash only the
+        # settings that shape the plugin's part of the graph, so another tau, seed or
+        # probability reuses the compiled graph instead of compiling again.
+        extra = self.additional_config
+        env = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+        if env is None:
+            return original(self, *args, **kwargs)
+        key = engine_config(self).graph_key(_num_layers(self.model_config))
+        self.additional_config = {**extra, CONFIG_KEY: key}
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.additional_config = extra
+
+    return compute_hash
 
 
 def _tau_summary(config: TelltaleConfig) -> str:
@@ -87,8 +107,9 @@ def _validate_params(original):
             if not engine.active:  # an unpatched engine ignores telltale_* settings
                 return result
             try:
-                check_request(engine.with_request(extra_args), engine,
-                              _num_layers(self.model_config))
+                request = engine.with_request(extra_args)
+                check_request(request, engine, _num_layers(self.model_config))
+                check_loop_request(request, self.model_config.hf_text_config)
             except ConfigError as err:
                 raise RequestSettingsError(f"telltale-norm: {err}") from None
         return result
@@ -147,6 +168,7 @@ def _generate(original):
 def install() -> None:
     """Install the frontend patches (idempotent)."""
     internals.patch("EngineArgs.create_engine_config", _create_engine_config)
+    internals.patch("VllmConfig.compute_hash", _compute_hash)
     internals.patch("InputProcessor._validate_params", _validate_params)
     internals.patch("InputProcessor.process_inputs", _process_inputs)
     # VLLM_PATCH_DUMP_EVERY counts offline generate calls (lm-eval's included).

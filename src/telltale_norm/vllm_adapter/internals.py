@@ -52,6 +52,8 @@ _CHAT = "vllm.entrypoints.openai.chat_completion.serving"
 INTERNALS: tuple[Internal, ...] = (
     Internal(_ENGINE, "EngineArgs.create_engine_config", "engine start: settings, GPU checks",
              params=()),
+    Internal("vllm.config.vllm", "VllmConfig.compute_hash", "compile once per graph",
+             params=("include_version",)),
     Internal(_INPUT, "InputProcessor._validate_params", "per-request settings (HTTP 400)",
              params=("params",)),
     Internal(_INPUT, "InputProcessor.process_inputs", "prefix-cache salt of editing requests",

@@ -31,8 +31,8 @@ from telltale_norm.thresholds import calibration_record
 from telltale_norm.vllm_adapter import engine_core, internals, state
 from telltale_norm.vllm_adapter.frontend import engine_config
 from telltale_norm.vllm_adapter.requests import external_request_id
-from telltale_norm.vllm_adapter.rerun import check_rerun_supported
 from telltale_norm.vllm_adapter.layers import find_decoder_layers, wrap_decoder_layers
+from telltale_norm.vllm_adapter.loop_layers import check_loop_layers
 
 logger = logging.getLogger("vllm.telltale_norm")
 
@@ -52,8 +52,9 @@ def attach(runner: Any) -> None:
         return
     for name in ("SchedulerOutput", "CachedRequestState", "InputBatch", "ForwardContext"):
         internals.require(name)
-    wrapped = wrap_decoder_layers(runner.model)
     num_layers = len(find_decoder_layers(runner.model))
+    wrapped = wrap_decoder_layers(runner.model, config.patched_layers(num_layers),
+                                  loop=config.loop_possible)
     model_config, scheduler = runner.model_config, runner.vllm_config.scheduler_config
     # Every buffer is allocated here, after the weights and before vLLM measures the memory
     # left for its KV cache, so the cache is sized around them.
@@ -69,17 +70,17 @@ def attach(runner: Any) -> None:
     state.RUNTIME = runtime
     state.LAYERS.clear()
     state.LAYERS.update(wrapped)
-    if config.method == "loop":
-        for _, layer in wrapped:
-            check_rerun_supported(layer)
+    check_loop_layers(config, wrapped, runner.model_config.hf_text_config, num_layers)
     if config.stats_path:
         atexit.register(dump_stats, runtime, config.stats_path)
     compiled = runner.vllm_config.compilation_config.mode != 0
     tau = "fixed" if config.fixed_tau() else f"adaptive after {config.warmup_steps} steps"
+    mode = ("loop possible: the op runs every step" if config.loop_possible
+            else "the step is traced into the graph") if compiled else "eager"
     runtime.start_line = (
         f"telltale-norm: VLLM_PATCH={config.method} wrapped {len(wrapped)} decoder layers of "
-        f"{type(runner.model).__name__} (default layers {list(runtime.patched_layers)}, tau "
-        f"{tau}, {'compiled, op runs every step' if compiled else 'eager'})")
+        f"{type(runner.model).__name__} (layers {list(runtime.patched_layers)}, tau {tau}, "
+        f"{'compiled, ' if compiled else ''}{mode})")
     logger.info("%s", runtime.start_line)
 
 

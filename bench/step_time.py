@@ -1,0 +1,217 @@
+"""The plugin's own time per decode step, without an engine: what it adds to a step, measured
+precisely (end-to-end ratios on a noisy 2-core machine cannot resolve 1-2 %).
+
+Two paths per configuration, on random states of the model's shape:
+- "graph": the graph-safe step of every patched layer traced by torch.compile into one graph
+  (what a compiled engine without loop runs), then, for loop, loop's Python per layer (what
+  its op runs);
+- "op": the previous design, every patched layer's step run eagerly as Python (what the
+  opaque op ran at every layer).
+Also: ERSS's and LRS's per-step work, vectorised against per-token loops with the research
+code's structure (the ERSS loop is checked to give the same deltas, streaks, cooldowns).
+
+    .venv/bin/python bench/step_time.py     # prints the tables (bench/overhead.py uses it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+# name -> per-request extra_args. Taus: "huge" 1e30, "p90" a realistic tau per layer.
+CONFIGS = {
+    "monitor": {"telltale_method": "monitor"},
+    "suppress tau=1e30": {"telltale_method": "suppress", "tau": "huge"},
+    "suppress adaptive": {"telltale_method": "suppress", "tau": "p90"},
+    "loop tau=1e30": {"telltale_method": "loop", "tau": "huge"},
+    "loop realistic": {"telltale_method": "loop", "tau": "p90", "telltale_blowup": 10.0,
+                       "telltale_growth_eps": -1.0},
+    "ttts": {"telltale_method": "ttts", "tau": "p90"},
+    "rerank": {"telltale_method": "rerank", "tau": "p90"},
+}
+
+
+def request_args(config: dict, taus: dict[int, float]) -> dict:
+    args = {k: v for k, v in config.items() if k != "tau"}
+    if config.get("tau") == "huge":
+        args["telltale_tau_json"] = json.dumps({str(k): 1e30 for k in taus})
+    elif config.get("tau") == "p90":
+        args["telltale_tau_json"] = json.dumps({str(k): v for k, v in taus.items()})
+    return args
+
+
+def runtime_benchmark(model: str, batches: list[int], steps: int = 60) -> dict:
+    """ms per decode step (begin_step + every patched layer + end_step), per path,
+    configuration and batch: the lower quartile of `steps` steps, configurations taking turns
+    step by step (this shared machine's noise only ever adds time, in bursts)."""
+    import numpy as np
+    import torch
+
+    from telltale_norm.config import TelltaleConfig, default_layers
+    from telltale_norm.runtime import TelltaleRuntime
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    num_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    layers = list(default_layers(num_layers))
+    engine = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "TELLTALE_ALLOW_LOOP": "1",
+                                      "PATCHED_LAYERS": ",".join(map(str, layers))})
+    gen = torch.Generator().manual_seed(0)
+    # norms of these states are ~sqrt(2 * hidden) * 2 (~68 for SmolLM2): tau 60 acts on some
+    taus = {layer: 2.0 * (2 * hidden) ** 0.5 * 0.88 for layer in layers}
+    out = {path: {name: {} for name in CONFIGS} for path in ("graph", "op")}
+
+    def rerun(h, r):  # a stand-in: the layer's own cost is the model's
+        return h.clone(), r.clone()
+
+    for b in batches:
+        prompt = np.full(b, 16)
+        states = [(torch.randn(b, hidden, generator=gen) * 2,
+                   torch.randn(b, hidden, generator=gen) * 2) for _ in layers]
+        # one runtime for every configuration, so one compiled graph serves them all
+        runtime = TelltaleRuntime(engine, num_layers, hidden, max_num_seqs=b * len(CONFIGS),
+                                  max_num_tokens=b, max_len=1024)
+
+        def traced(inputs, runtime=runtime):
+            return [runtime.layer_step(layer, h, r) for layer, (h, r) in zip(layers, inputs)]
+
+        compiled = torch.compile(traced, fullgraph=True, dynamic=False)
+        times = {(path, name): [] for path in out for name in CONFIGS}
+
+        def step(path: str, name: str, index: int) -> float:
+            extra = request_args(CONFIGS[name], taus)
+            start = time.perf_counter()
+            runtime.begin_step([f"{name}-{i}" for i in range(b)], np.ones(b, dtype=np.int64),
+                               prompt + index, prompt, lambda rid: (extra, None, 0))
+            if path == "op":
+                for layer, (h, r) in zip(layers, states):
+                    runtime.on_layer(layer, h.clone(), r.clone(), rerun)
+            else:
+                outputs = compiled(states)
+                for layer, (h, r), (_, _, gate) in zip(layers, states, outputs):
+                    runtime.loop_layer(layer, h.clone(), r.clone(), gate, rerun)
+            runtime.end_step()
+            return time.perf_counter() - start
+
+        for index in range(steps + steps // 4):
+            for path, name in times:
+                spent = step(path, name, index)
+                if index >= steps // 4:  # after a warm-up (compilation, first buffers)
+                    times[path, name].append(spent)
+        for (path, name), spent in times.items():
+            out[path][name][b] = 1000 * float(np.percentile(spent, 25))
+    return out
+
+
+def step_benchmark(batches: list[int], hidden: int = 576, reps: int = 20) -> dict:
+    """Per-step ERSS and LRS work: vectorised vs per-token loops, on random tensors. The
+    ERSS loop must give the vectorised step's deltas, streaks and cooldowns (checked)."""
+    import torch
+
+    from telltale_norm.methods.ttts import BankState, TttsSettings, ttts_step
+
+    k = 32
+    out: dict[str, dict[int, float]] = {"ttts_vectorised_ms": {}, "ttts_loop_ms": {},
+                                         "lrs_vectorised_ms": {}, "lrs_loop_ms": {}}
+    gen = torch.Generator().manual_seed(0)
+    for b in batches:
+        x = torch.randn(b, hidden, generator=gen)
+        res = torch.randn(b, hidden, generator=gen)
+        norms = torch.linalg.vector_norm(x, dim=1)
+        tau = norms.median().expand(b)
+        # half-full banks, streaks about to trigger, some requests cooling down
+        bank = torch.randn(b, k, hidden, generator=gen)
+        bank_norm = torch.linalg.vector_norm(bank, dim=2)
+        bank_norm[:, k // 2:] = -math.inf
+        state = BankState(bank, bank_norm,
+                          torch.full((b,), 39), torch.randint(0, 2, (b,), generator=gen))
+        # SPEC defaults, but injecting more often (p 0.5, cos_min 0) so every path runs
+        s = TttsSettings(*(torch.full((b,), float(v)) for v in (40, 1.0, 0.5, 0.5, 32, k,
+                                                                0.0)))
+        draws = torch.rand(b, generator=gen)
+        eligible = torch.rand(b, generator=gen) < 0.9
+        vec = ttts_step(x, res, norms, tau, eligible, draws, state, s)
+        loop = _ttts_per_token(x, res, norms, tau, eligible, draws, _copy(state), s)
+        torch.testing.assert_close(loop[0], vec.delta)
+        assert loop[1].tolist() == vec.low_streak.tolist()
+        assert loop[2].tolist() == vec.cooldown.tolist()
+        out["ttts_vectorised_ms"][b] = _time(lambda: ttts_step(
+            x, res, norms, tau, eligible, draws, state, s), reps)
+        out["ttts_loop_ms"][b] = _time(
+            lambda st: _ttts_per_token(x, res, norms, tau, eligible, draws, st, s), reps,
+            setup=lambda: _copy(state))
+        # LRS: one step's per-token scoring work for b requests over 6 layers (the final
+        # scores are computed once per request when it finishes)
+        n6 = torch.rand(b, 6) * 40
+        t6 = torch.full((6,), 20.0)
+        out["lrs_vectorised_ms"][b] = _time(lambda: (n6.sum(0), (n6 - t6).clamp_min(0).sum(0),
+                                                      (n6 > t6).sum(0)), reps)
+        out["lrs_loop_ms"][b] = _time(lambda: _lrs_per_token(n6, t6), reps)
+    return out
+
+
+def _copy(state):
+    """A fresh copy of a bank state (the per-token loop edits its state in place)."""
+    return dataclasses.replace(state, **{f.name: getattr(state, f.name).clone()
+                                         for f in dataclasses.fields(state)})
+
+
+def _ttts_per_token(x, res, norms, tau, eligible, draws, state, s):
+    """The research code's structure: ERSS's rules (SPEC.md "ttts") token by token in
+    Python, editing the request's bank, streak and cooldown in place. Returns the deltas,
+    streaks and cooldowns."""
+    import torch
+
+    delta = torch.zeros_like(x)
+    for i in range(x.shape[0]):
+        if not bool(eligible[i]):
+            continue
+        n, t, k = float(norms[i]), float(tau[i]), int(s.bank_k[i])
+        bank, bank_norm = state.bank[i, :k], state.bank_norm[i, :k]
+        if n > t:
+            j = int(torch.argmin(bank_norm))
+            if n > float(bank_norm[j]):
+                bank[j] = x[i]
+                bank_norm[j] = n
+        state.low_streak[i] = int(state.low_streak[i]) + 1 if n < float(s.gamma[i]) * t else 0
+        state.cooldown[i] = max(int(state.cooldown[i]) - 1, 0)
+        if (int(state.low_streak[i]) >= int(s.low_k[i]) and int(state.cooldown[i]) == 0
+                and float(draws[i]) < float(s.p_inject[i])):
+            cos = torch.nn.functional.cosine_similarity(bank, x[i].unsqueeze(0), dim=-1)
+            cos = cos.masked_fill(~torch.isfinite(bank_norm), -math.inf)
+            j = int(torch.argmax(cos))
+            if float(cos[j]) >= float(s.cos_min[i]):
+                delta[i] = float(s.beta[i]) * (bank[j] - res[i])
+                state.low_streak[i] = 0
+                state.cooldown[i] = int(s.cooldown[i])
+    return delta, state.low_streak, state.cooldown
+
+
+def _lrs_per_token(n6, t6) -> None:
+    for i in range(n6.shape[0]):
+        for layer in range(n6.shape[1]):
+            n, t = float(n6[i, layer]), float(t6[layer])
+            _ = (n, max(0.0, n - t), n > t)
+
+
+def _time(fn, reps: int, setup=None) -> float:
+    """Median ms of `fn()`, or of `fn(setup())` with `setup` left out of the timing."""
+    call = fn if setup is None else (lambda: fn(setup()))
+    call()
+    times = []
+    for _ in range(reps):
+        arg = () if setup is None else (setup(),)
+        start = time.perf_counter()
+        fn(*arg)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+if __name__ == "__main__":
+    from telltale_norm.models import default_model_dir
+
+    print(json.dumps({"runtime": runtime_benchmark(str(default_model_dir()), [1, 8, 32]),
+                      "steps": step_benchmark([1, 8, 32, 128])}, indent=2))

@@ -1,0 +1,141 @@
+"""ERSS state of every slot, and the per-layer ttts step of a whole batch step.
+
+`Banks` holds each slot's banks, streaks and cooldowns and the log of its injections, in
+buffers allocated once. `ttts_layer` runs `ttts_step` (methods/ttts.py) on a step's ttts
+decode tokens (at most one per slot, listed first in the step's `ttts_rows`), writes their
+new state back, and puts logged injections back into tokens recomputed after a
+preemption. Both are graph-safe: fixed shapes, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from telltale_norm import rng
+from telltale_norm.norms import residual_stream, shifted_residual_stream
+from telltale_norm.methods.ttts import BankState, TttsOutcome, TttsSettings, ttts_step
+from telltale_norm.requests import RequestStates
+
+
+class Banks:
+    """The banks, streaks and cooldowns of all slots, and the log of their injections, in
+    slot buffers allocated once (`RequestStates.register_buffer`).
+
+    Memory per slot and patched layer: (BANK_K + 1) x hidden size in the model's dtype for
+    the bank (the extra entry absorbs the writes of rows that insert nothing, so writes need
+    no mask) and BANK_K x 4 + 8 bytes of norms and streaks; per slot, (`log_capacity` + 1) x
+    (hidden size in the model's dtype + 8 bytes) for the log of its injections: each
+    injected token's new hidden row, put back when a preempted request is recomputed
+    (injections past the capacity are counted, not logged).
+    """
+
+    def __init__(self, states: RequestStates, layers: tuple[int, ...], bank_k: int,
+                 log_capacity: int, hidden_size: int, dtype: torch.dtype) -> None:
+        self.column = {layer: i for i, layer in enumerate(layers)}
+        self.k = bank_k
+        self.log_capacity = log_capacity
+        n, k, c = len(layers), bank_k + 1, log_capacity + 1
+        register = states.register_buffer
+        self.bank = register("ttts_bank", (n, k, hidden_size), dtype)
+        self.bank_norm = register("ttts_bank_norm", (n, bank_k), torch.float32, -math.inf)
+        self.streaks = register("ttts_streaks", (n, 2), torch.float32)  # low streak, cooldown
+        self.log_key = register("ttts_log_key", (c,), torch.int64, -1)  # position x n + col
+        self.log_row = register("ttts_log_row", (c, hidden_size), dtype)
+        self.log_count = register("ttts_log_count", (), torch.int64)
+        self._names = ("ttts_bank", "ttts_bank_norm", "ttts_streaks", "ttts_log_key",
+                       "ttts_log_row", "ttts_log_count")
+        self.states = states
+
+    def read(self, slots: torch.Tensor, layer: int) -> BankState:
+        c = self.column[layer]
+        streaks = self.streaks[slots, c]
+        return BankState(self.bank[slots, c, :self.k], self.bank_norm[slots, c],
+                         streaks[:, 0], streaks[:, 1])
+
+    def write(self, slots: torch.Tensor, layer: int, out: TttsOutcome, x: torch.Tensor
+              ) -> None:
+        c = self.column[layer]
+        at = torch.where(out.inserted_at >= 0, out.inserted_at, self.k)  # or the spare entry
+        self.bank[slots, c, at] = x.to(self.bank.dtype)
+        self.bank_norm[slots, c] = out.bank_norm
+        self.streaks[slots, c] = torch.stack(
+            [out.low_streak, out.cooldown.to(out.low_streak.dtype)], 1).float()
+
+    def log(self, slots: torch.Tensor, position: torch.Tensor, layer: int,
+            injected: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Log the injected tokens' new hidden `rows` for replay; returns how many did not
+        fit (a 0-dim tensor)."""
+        count = self.log_count[slots]
+        logged = injected & (count < self.log_capacity)
+        at = torch.where(logged, count, self.log_capacity)  # or the spare entry
+        key = position * len(self.column) + self.column[layer]
+        self.log_key[slots, at] = torch.where(logged, key, -1)
+        self.log_row[slots, at] = rows.to(self.log_row.dtype)
+        self.log_count[slots] = count + logged.long()
+        return (injected & ~logged).sum()
+
+    def logged_rows(self, slots: torch.Tensor, position: torch.Tensor, layer: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden rows logged for (`slots`, `position`) on `layer` when they were
+        decoded, and where there was one."""
+        if not self.log_capacity:  # nothing is logged (TTTS_REPLAY_LOG=0)
+            return self.log_row[slots, 0], torch.zeros_like(slots, dtype=torch.bool)
+        key = position * len(self.column) + self.column[layer]
+        match = self.log_key[slots, :self.log_capacity] == key.unsqueeze(1)
+        found = match.any(1)
+        return self.log_row[slots, match.int().argmax(1)], found
+
+    def live(self, slots: list[int], method_id: int) -> int:
+        """Banks of live ttts requests (one per patched layer each)."""
+        return int((self.states.method[slots] == method_id).sum()) * len(self.column)
+
+    def nbytes(self) -> int:
+        return sum(self.states.buffer(n).numel() * self.states.buffer(n).element_size()
+                   for n in self._names)
+
+
+@dataclass(frozen=True)
+class TttsLayerResult:
+    """One layer's ttts outcome for the step's tokens (`[tokens]`) and its counts."""
+
+    hidden: torch.Tensor
+    injected: torch.Tensor  # bool [tokens]
+    injections: torch.Tensor  # 0-dim counts
+    no_match: torch.Tensor
+    unlogged: torch.Tensor
+    replayed: torch.Tensor
+    max_low_streak: torch.Tensor
+
+
+def ttts_layer(banks: Banks, layer: int, h: torch.Tensor, r: torch.Tensor | None,
+               norms: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor,
+               valid: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
+               seed: torch.Tensor, params: torch.Tensor, replay: torch.Tensor
+               ) -> TttsLayerResult:
+    """ERSS on one layer for a step: `rows` index the step's ttts decode tokens (`valid`
+    where a row is one that may act); `slot`, `position`, `seed`, `params` are per token of
+    the step; `replay` marks the recomputed output tokens of ttts requests."""
+    t = h.shape[0]
+    slots = torch.where(valid, slot[rows], banks.states.null_slot)  # padding: null slot
+    res = None if r is None else r[rows].float()
+    x = residual_stream(h[rows], res)
+    out = ttts_step(x, torch.zeros_like(x) if res is None else res, norms[rows], tau[rows],
+                    valid, rng.uniform(seed[rows], rng.STREAM_TTTS, layer, position[rows]),
+                    banks.read(slots, layer), TttsSettings.from_params(params[rows]))
+    banks.write(slots, layer, out, x)
+    # x + delta, written back as hidden rows (rows that inject nothing keep their bits)
+    delta = torch.zeros(t, h.shape[1], dtype=torch.float32, device=h.device)
+    delta = delta.index_add(0, rows, out.delta)
+    injected = torch.zeros(t, dtype=torch.int32, device=h.device).index_add(
+        0, rows, out.injected.int()) > 0
+    hidden = torch.where(injected.unsqueeze(1), shifted_residual_stream(h, delta), h)
+    unlogged = banks.log(slots, position[rows], layer, out.injected, hidden[rows])
+    logged, found = banks.logged_rows(slot, position, layer)
+    found = found & replay
+    return TttsLayerResult(
+        hidden=torch.where(found.unsqueeze(1), logged, hidden), injected=injected,
+        injections=out.injected.sum(), no_match=out.no_match.sum(), unlogged=unlogged,
+        replayed=found.sum(), max_low_streak=torch.where(valid, out.low_streak, 0).max())
