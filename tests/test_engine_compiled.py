@@ -37,7 +37,8 @@ METHODS = {
     "ttts": dict(telltale_method="ttts", telltale_tau_json='{"1": 1e-3, "2": 1e-3}',
                  telltale_gamma=1e30, telltale_low_k=2, telltale_p_inject=0.5,
                  telltale_cos_min=-1.0, telltale_cooldown=2),
-    "rerank": dict(telltale_method="rerank", telltale_tau_json='{"1": 5, "2": 5}'),
+    "rerank": dict(telltale_method="rerank", telltale_trace=1,
+                   telltale_tau_json='{"1": 5, "2": 5}'),
 }
 COUNTERS = ("tokens", "suppressed", "injections", "inject_no_match", "max_low_streak")
 
