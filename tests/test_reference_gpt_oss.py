@@ -19,7 +19,8 @@ PROMPT = [1, 504, 3575, 282, 4649, 314, 2800, 28, 253, 7]  # longer than the win
 def llm(tiny_model):
     # Monitor on the compared layers. The engine core gets its own process (vLLM's default):
     # an in-process CPU worker would pin this process's threads and slow the reference down.
-    with vllm_engine(tiny_model("gpt_oss"), {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2"},
+    with vllm_engine(tiny_model("gpt_oss"), {"VLLM_PATCH": "monitor", "PATCHED_LAYERS": "1,2",
+                                                "TELLTALE_ALLOW_LOOP": "1"},
                      kv_cache_memory_bytes=128 * 2**20) as engine:
         yield engine
 

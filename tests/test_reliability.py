@@ -214,7 +214,8 @@ class TestSmallKvCache:
         one, two = json.dumps({"1": 1e30}), json.dumps({"2": 1e30})
         params = [
             greedy(20, telltale_method="monitor", telltale_layers="1", telltale_trace=1),
-            greedy(20, telltale_method="rerank", telltale_layers="2", telltale_tau_json=two),
+            greedy(20, telltale_method="rerank", telltale_layers="2", telltale_tau_json=two,
+                   telltale_trace=1),
             greedy(20, telltale_method="suppress", telltale_layers="1", telltale_tau_json=one),
             greedy(20, telltale_method="loop", telltale_layers="2", telltale_max_extra=3,
                    telltale_tau_json=two),

@@ -212,7 +212,7 @@ def test_a_greedy_best_of_request_samples_its_candidates(llm):
 @pytest.mark.parametrize("params, match", [
     (SamplingParams(n=2, temperature=0.8, extra_args={"telltale_best_of": 3}), "n=2"),
     (SamplingParams(temperature=0.8, extra_args={"telltale_best_of": 3,
-                                                 "telltale_method": "loop"}), "got loop"),
+                                                 "telltale_method": "suppress"}), "got suppress"),
     (SamplingParams(extra_args={"telltale_best_of": 0}), "telltale_best_of=0"),
 ])
 def test_bad_best_of_requests_fail_alone(llm, params, match):

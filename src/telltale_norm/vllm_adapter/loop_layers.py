@@ -71,9 +71,11 @@ def check_loop_layers(config: TelltaleConfig, wrapped: list[tuple[int, nn.Module
                  if layer._telltale_loop_obstacle is not None}
     why = {i: obstacle.reason for i, obstacle in obstacles.items()}
     local = {i for i, _ in wrapped}
-    allowed = sorted(local - set(obstacles))
+    by_config = set(recurrent_layers(hf_config, num_layers))
+    # only the patched layers are wrapped: the others may loop unless the config says not
+    allowed = sorted(set(range(num_layers)) - by_config - set(obstacles))
     recurrent = {i for i, obstacle in obstacles.items() if obstacle.recurrent}
-    expected = set(recurrent_layers(hf_config, num_layers)) & local
+    expected = by_config & local
     if recurrent != expected:
         raise RerunUnsupportedError(
             f"telltale-norm: reading the config of {model}, the frontend takes layers "
