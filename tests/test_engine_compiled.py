@@ -22,6 +22,8 @@ from conftest import PROMPTS, greedy, token_ids, vllm_engine
 from telltale_norm.layer import LayerStep
 from telltale_norm.methods.loop import LoopLayer
 
+pytestmark = pytest.mark.engine  # its fixtures start engines under other names
+
 MAX_TOKENS = 16
 LAYERS = "1,2"
 TAU0 = json.dumps({"1": 0, "2": 0})
