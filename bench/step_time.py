@@ -5,12 +5,14 @@ Two paths per configuration, on random states of the model's shape:
 - "graph": the graph-safe step of every patched layer traced by torch.compile into one graph
   (what a compiled engine without loop runs), then, for loop, loop's Python per layer (what
   its op runs);
-- "op": the previous design, every patched layer's step run eagerly as Python (what the
-  opaque op ran at every layer).
+- "op": every patched layer's step run eagerly as Python, as an `enforce_eager` engine runs
+  it (skipping the methods no token of the step uses) and as the previous design's opaque
+  op ran it at every layer.
 Also: ERSS's and LRS's per-step work, vectorised against per-token loops with the research
 code's structure (the ERSS loop is checked to give the same deltas, streaks, cooldowns).
 
     .venv/bin/python bench/step_time.py     # prints the tables (bench/overhead.py uses it)
+    .venv/bin/python bench/step_time.py --batches 1 --configs monitor,ttts   # a part
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ CONFIGS = {
 }
 
 
+# The inductor options vLLM's CPU platform compiles its model with (vllm/platforms/cpu.py).
+VLLM_CPU_INDUCTOR = {"dce": True, "size_asserts": False, "nan_asserts": False,
+                     "epilogue_fusion": True, "cpp.dynamic_threads": True}
+
+
 def request_args(config: dict, taus: dict[int, float]) -> dict:
     args = {k: v for k, v in config.items() if k != "tau"}
     if config.get("tau") == "huge":
@@ -44,12 +51,15 @@ def request_args(config: dict, taus: dict[int, float]) -> dict:
     return args
 
 
-def runtime_benchmark(model: str, batches: list[int], steps: int = 60) -> dict:
+def runtime_benchmark(model: str, batches: list[int], steps: int = 60,
+                      configs: dict | None = None) -> dict:
     """ms per decode step (begin_step + every patched layer + end_step), per path,
     configuration and batch: the lower quartile of `steps` steps, configurations taking turns
     step by step (this shared machine's noise only ever adds time, in bursts)."""
     import numpy as np
     import torch
+
+    configs = CONFIGS if configs is None else configs
 
     from telltale_norm.config import TelltaleConfig, default_layers
     from telltale_norm.runtime import TelltaleRuntime
@@ -62,7 +72,7 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60) -> dict:
     gen = torch.Generator().manual_seed(0)
     # norms of these states are ~sqrt(2 * hidden) * 2 (~68 for SmolLM2): tau 60 acts on some
     taus = {layer: 2.0 * (2 * hidden) ** 0.5 * 0.88 for layer in layers}
-    out = {path: {name: {} for name in CONFIGS} for path in ("graph", "op")}
+    out = {path: {name: {} for name in configs} for path in ("graph", "op")}
 
     def rerun(h, r):  # a stand-in: the layer's own cost is the model's
         return h.clone(), r.clone()
@@ -71,18 +81,20 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60) -> dict:
         prompt = np.full(b, 16)
         states = [(torch.randn(b, hidden, generator=gen) * 2,
                    torch.randn(b, hidden, generator=gen) * 2) for _ in layers]
-        # one runtime for every configuration, so one compiled graph serves them all
-        runtime = TelltaleRuntime(engine, num_layers, hidden, max_num_seqs=b * len(CONFIGS),
+        # one runtime for every configuration, so one compiled graph serves them all; static
+        # shapes (vLLM traces the batch dimension dynamically, which compiles far longer here)
+        runtime = TelltaleRuntime(engine, num_layers, hidden, max_num_seqs=b * len(configs),
                                   max_num_tokens=b, max_len=1024)
 
         def traced(inputs, runtime=runtime):
             return [runtime.layer_step(layer, h, r) for layer, (h, r) in zip(layers, inputs)]
 
-        compiled = torch.compile(traced, fullgraph=True, dynamic=False)
-        times = {(path, name): [] for path in out for name in CONFIGS}
+        compiled = torch.compile(traced, fullgraph=True, dynamic=False,
+                                 options=VLLM_CPU_INDUCTOR)
+        times = {(path, name): [] for path in out for name in configs}
 
         def step(path: str, name: str, index: int) -> float:
-            extra = request_args(CONFIGS[name], taus)
+            extra = request_args(configs[name], taus)
             start = time.perf_counter()
             runtime.begin_step([f"{name}-{i}" for i in range(b)], np.ones(b, dtype=np.int64),
                                prompt + index, prompt, lambda rid: (extra, None, 0))
@@ -211,7 +223,21 @@ def _time(fn, reps: int, setup=None) -> float:
 
 
 if __name__ == "__main__":
+    import argparse
+
     from telltale_norm.models import default_model_dir
 
-    print(json.dumps({"runtime": runtime_benchmark(str(default_model_dir()), [1, 8, 32]),
-                      "steps": step_benchmark([1, 8, 32, 128])}, indent=2))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated configurations (default: all of {list(CONFIGS)})")
+    args = parser.parse_args()
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        parser.error(f"--configs: unknown {sorted(unknown)}; allowed: {list(CONFIGS)}")
+    chosen = {name: CONFIGS[name] for name in args.configs.split(",")}
+    batches = [int(b) for b in args.batches.split(",")]
+    print(json.dumps({"runtime": runtime_benchmark(str(default_model_dir()), batches,
+                                                   configs=chosen),
+                      "steps": step_benchmark(batches)}, indent=2))

@@ -109,8 +109,9 @@ def test_ttts_injections_are_replayed_into_recomputed_tokens(log):
     assert replayed == min(injections, log)
     assert int(rt.counters["injections_unlogged"].sum()) == injections - replayed
     assert int(rt.counters["injections"].sum()) == injections  # not counted again
+    live = slice(0, rt.states.null_slot)  # the null slot's row is scratch: writes land there
     for name, before in banks.items():  # replay leaves the banks alone
-        assert torch.equal(rt.states.buffer(name), before), name
+        assert torch.equal(rt.states.buffer(name)[live], before[live]), name
     matches = [torch.equal(again[layer][pos], decoded[pos][layer][0])
                for pos in range(4, 12) for layer in (1, 2)]
     if log >= injections:  # every recomputed token equals the token as decoded
@@ -242,3 +243,55 @@ def test_rerank_rows_are_pushed_once_each_with_the_settings_on_the_first_output(
     # four tokens received: the three decode steps; a stop string after two: the first one
     assert candidate.scores([0] * 5, [7, 8, 9, 10])["A"] == pytest.approx(3 * 2 * 8**0.5)
     assert candidate.scores([0] * 5, [7, 8])["steps"] == 1
+
+
+def test_eager_steps_that_skip_unused_methods_equal_steps_doing_every_method(monkeypatch):
+    """Eagerly, a step skips the work of methods none of its tokens use; traced, it does
+    all of it. Over steps of changing mixes (monitor alone, ttts joining, suppress and a
+    traced rerank request, a request finishing), both give the same edits, counters,
+    banks and traces."""
+    import telltale_norm.layer as layer_module
+
+    forced = {"telltale_method": "ttts", "telltale_tau_json": '{"1": 0.5, "2": 0.5}',
+              "telltale_gamma": 1e30, "telltale_low_k": 2, "telltale_p_inject": 1.0,
+              "telltale_cos_min": -1.0, "telltale_cooldown": 1}
+    extra = {"m": {"telltale_method": "monitor"}, "t": forced,
+             "s": {"telltale_method": "suppress", **TAU0},
+             "r": {"telltale_method": "rerank", "telltale_trace": 1}}
+    schedule = [[("m", 4, 0, 4)]] + [[("m", 1, 4 + i, 4)] for i in range(2)]
+    schedule += [[("m", 1, 6 + i, 4), ("t", 1 + 3 * (i == 0), 3 * (i > 0) + i, 3)]
+                 for i in range(4)]
+    schedule += [[("t", 1, 7 + i, 3), ("s", 1 + 2 * (i == 0), 2 * (i > 0) + i, 2),
+                  ("r", 1 + 2 * (i == 0), 2 * (i > 0) + i, 2)] for i in range(4)]
+
+    def run(every: bool):
+        monkeypatch.setattr(layer_module, "_graph_building", lambda hidden: every)
+        rt = make_runtime(VLLM_PATCH="monitor")
+        gen = torch.Generator().manual_seed(3)
+        outputs = []
+        for reqs in schedule:
+            ids = [r[0] for r in reqs]
+            rt.begin_step(ids, np.array([r[1] for r in reqs]), np.array([r[2] for r in reqs]),
+                          np.array([r[3] for r in reqs]), lambda rid: (extra[rid], None, 0))
+            t = sum(r[1] for r in reqs)
+            for layer in (1, 2):
+                hidden, residual = torch.randn(t, H, generator=gen), torch.randn(t, H,
+                                                                                 generator=gen)
+                rt.on_layer(layer, hidden, residual)
+                outputs.append(hidden)
+            rt.end_step()
+        rt.release(["m", "t", "s", "r"])
+        banks = {name: rt.states.buffer(name)[:rt.states.null_slot].clone()
+                 for name in ("ttts_bank", "ttts_bank_norm", "ttts_streaks")}
+        return outputs, {k: v.clone() for k, v in rt.counters.items()}, banks, rt.traces.take()
+
+    skipping, every = run(False), run(True)
+    for a, b in zip(skipping[0], every[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert int(every[1]["injections"].sum()) > 0 and int(every[1]["suppressed"].sum()) > 0
+    for name in every[1]:
+        assert torch.equal(skipping[1][name], every[1][name]), name
+    for name in every[2]:
+        assert torch.equal(skipping[2][name], every[2][name]), name
+    assert [t.to_dict() for t in skipping[3]] == [t.to_dict() for t in every[3]]
+    assert len(every[3]) == 1  # the traced rerank request

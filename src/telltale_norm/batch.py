@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from telltale_norm.requests import METHOD_ID, RequestStates
+from telltale_norm.requests import METHOD_ID, OFF, RequestStates
 
 # Bits of a token's flags.
 DECODE = 1  # a newly decoded output token: observed, counted, edited
@@ -32,6 +32,8 @@ class StepPlan:
     replay: np.ndarray  # bool
     decode_step: np.ndarray  # int64: position - prompt length (the trace row)
     ttts_rows: np.ndarray  # int64: indices of the decode tokens of ttts requests
+    methods: frozenset[int]  # the methods of its decode and replay tokens (OFF left out)
+    recorded: bool  # some decode token is traced (its record is copied to the host)
 
     @property
     def flags(self) -> np.ndarray:
@@ -58,9 +60,12 @@ def plan_step(states: RequestStates, slots: np.ndarray, num_scheduled: np.ndarra
     decode, replay = output & fresh, output & ~fresh
     states.high_water[slots] = np.maximum(states.high_water[slots],
                                           num_computed + num_scheduled - 1)
-    ttts_rows = np.flatnonzero(decode & (states.method[token_slot] == TTTS))
+    method = states.method[token_slot]
+    ttts_rows = np.flatnonzero(decode & (method == TTTS))
+    methods = frozenset(np.unique(method[decode | replay]).tolist()) - {OFF}
+    recorded = bool((decode & states.traced[token_slot]).any())
     return StepPlan(num_tokens, token_slot, position, decode, replay,
-                    position - states.prompt_len[token_slot], ttts_rows)
+                    position - states.prompt_len[token_slot], ttts_rows, methods, recorded)
 
 
 class StepBuffers:
@@ -70,6 +75,10 @@ class StepBuffers:
     and no flags, so the per-layer step may process every row of its input. `ttts_rows`
     lists the ttts decode tokens first (their count is at most the number of slots); the
     rest point at token 0 with `ttts_valid` false.
+
+    `methods` and `recorded` repeat the step's mix on the host. Only an eager step reads
+    them, to skip the work of methods no token uses; a traced or captured step ignores them
+    (it is replayed for every later mix).
     """
 
     FIELDS = ("token_slot", "position", "flags", "ttts_rows")
@@ -87,6 +96,8 @@ class StepBuffers:
         self.live = torch.zeros(1, dtype=torch.bool, device=device)
         self._valid_host = np.zeros(max_tokens, dtype=bool)
         self._written = 0  # rows the last step wrote (reset to null by the next write)
+        self.methods: frozenset[int] = frozenset()
+        self.recorded = False
 
     def write(self, plan: StepPlan) -> None:
         t = plan.num_tokens
@@ -104,10 +115,12 @@ class StepBuffers:
         self.ttts_valid[:n].copy_(torch.from_numpy(self._valid_host[:n]), non_blocking=True)
         self.live.fill_(True)
         self._written = t
+        self.methods, self.recorded = plan.methods, plan.recorded
 
     def close(self) -> None:
         """The step's forward is done (queued): later runs see no step."""
         self.live.fill_(False)
+        self.methods, self.recorded = frozenset(), False
 
     def nbytes(self) -> int:
         return (self._packed.numel() * self._packed.element_size()

@@ -2,12 +2,14 @@
 
 `LayerStep.__call__` is graph-safe: tensor operations only, on buffers at fixed addresses
 (the slot tables, the step's metadata, the statistics, the banks, the record), no host
-synchronisation, no Python branching on data or on which methods a step's requests use, no
-allocation whose size depends on data. Every row of the layer's input is processed (padding
-rows point at the null slot and change nothing), so the same code runs eagerly, traced into
-vLLM's compiled model, or replayed inside a CUDA graph. Only loop's re-runs need Python and
-a host synchronisation: `methods.loop.LoopLayer` runs them after this step, from the `gate`
-it returns (each token's norm and, for the tokens loop may act on, its tau).
+synchronisation, no Python branching on data, no allocation whose size depends on data.
+Every row of the layer's input is processed (padding rows point at the null slot and change
+nothing), so the same code runs eagerly, traced into vLLM's compiled model, or replayed
+inside a CUDA graph. Traced or captured, it does the work of every method; run eagerly, it
+skips the work of methods no token of the step uses (the step's mix is known on the host
+before the forward). Only loop's re-runs need Python and a host synchronisation:
+`methods.loop.LoopLayer` runs them after this step, from the `gate` it returns (each
+token's norm and, for the tokens loop may act on, its tau).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
 from telltale_norm.traces import ACTION_INJECT, ACTION_SUPPRESS, TraceRecorder
 
 SUPPRESS, LOOP, TTTS = METHOD_ID["suppress"], METHOD_ID["loop"], METHOD_ID["ttts"]
+EVERY_METHOD = frozenset(METHOD_ID.values())
+ACTING = frozenset({SUPPRESS, LOOP, TTTS})  # the methods that need tau
 
 # Per-layer counters of this step, kept on the device and read only for statistics (loop's
 # own are in methods/loop.py: its Python writes them, never the compiled graph).
@@ -70,22 +74,28 @@ class LayerStep:
         norms = token_norms(hidden, residual)
         self.quantiles.update(layer, norms, observe)
         count[C["tokens"]] += observe.sum()
+        # Eagerly, the step's mix (known on the host) skips the work no token needs; a
+        # traced or captured step does all of it, since it is replayed for every later mix.
+        every = _graph_building(hidden)
+        methods = EVERY_METHOD if every else step.methods
+        column = self.recorder.column.get(layer) if every or step.recorded else None
+        if column is None and not methods & ACTING:
+            return hidden, residual, torch.stack([norms, torch.full_like(norms, math.nan)], 1)
         tau, ready = self._tau(layer, tables["tau"][slot, layer], params)
         edit = in_layer & ready & (decode | replay)
         gate = torch.stack([norms, torch.where(edit & (method == LOOP), tau, math.nan)], 1)
         action = torch.zeros_like(norms)
-        if layer in self.banks.column:
+        if layer in self.banks.column and TTTS in methods:
             hidden, injected = self._ttts(layer, hidden, residual, norms, tau, in_layer & ready,
                                           params, slot, replay & in_layer & (method == TTTS),
                                           count)
             action = action + injected * ACTION_INJECT
-        hidden, suppressed = self._suppress(layer, hidden, residual, norms, tau, params, slot,
-                                            in_layer & ready & (method == SUPPRESS),
-                                            decode | replay)
-        count[C["suppressed"]] += (suppressed & new).sum()
-        action = action + suppressed * ACTION_SUPPRESS
-
-        column = self.recorder.column.get(layer)
+        if SUPPRESS in methods:
+            hidden, suppressed = self._suppress(layer, hidden, residual, norms, tau, params,
+                                                slot, in_layer & ready & (method == SUPPRESS),
+                                                decode | replay)
+            count[C["suppressed"]] += (suppressed & new).sum()
+            action = action + suppressed * ACTION_SUPPRESS
         if column is not None:
             self.recorder.record[:t, column] = torch.stack(
                 [norms, torch.where(in_layer, tau, math.nan), action], 1)
@@ -126,3 +136,9 @@ class LayerStep:
         count[C["max_low_streak"]] = torch.maximum(count[C["max_low_streak"]],
                                                    out.max_low_streak.double())
         return out.hidden, out.injected
+
+
+def _graph_building(hidden: torch.Tensor) -> bool:
+    """The step is being traced by the compiler or captured into a CUDA graph."""
+    return torch.compiler.is_compiling() or (
+        hidden.is_cuda and torch.cuda.is_current_stream_capturing())

@@ -46,8 +46,11 @@ class StreamingQuantiles:
         v = values.double()
         w = torch.ones_like(v) if weight is None else weight.double()
         idx = v.clamp_min(1e-30).log_().sub_(_LOG_LO).div_(self.width).long()
-        self.counts[layer].index_add_(0, idx.clamp_(0, self.bins - 1), w)
-        self.sum[layer] += v.dot(w)
+        # scatters into the whole buffers (traced, writing through a row view would copy
+        # the whole histogram on every step)
+        row = torch.full_like(idx, layer)
+        self.counts.index_put_((row, idx.clamp_(0, self.bins - 1)), w, accumulate=True)
+        self.sum.index_put_((idx.new_full((1,), layer),), v.dot(w).unsqueeze(0), accumulate=True)
 
     def quartiles(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Q1 and Q3 of the layer's values (device scalars, NaN while empty)."""

@@ -49,20 +49,26 @@ class Banks:
                        "ttts_log_row", "ttts_log_count")
         self.states = states
 
+    # Traced, every access indexes a whole buffer with index tensors (views are taken of the
+    # result, never of the buffer): the compiler then writes the buffers in place, where a
+    # view of a buffer makes it copy the whole buffer on every step.
+    def _at(self, slots: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return slots, torch.full_like(slots, self.column[layer])
+
     def read(self, slots: torch.Tensor, layer: int) -> BankState:
-        c = self.column[layer]
-        streaks = self.streaks[slots, c]
-        return BankState(self.bank[slots, c, :self.k], self.bank_norm[slots, c],
+        at = self._at(slots, layer)
+        streaks = self.streaks[at]
+        return BankState(self.bank[at][:, :self.k], self.bank_norm[at],
                          streaks[:, 0], streaks[:, 1])
 
     def write(self, slots: torch.Tensor, layer: int, out: TttsOutcome, x: torch.Tensor
               ) -> None:
-        c = self.column[layer]
+        slots, column = self._at(slots, layer)
         at = torch.where(out.inserted_at >= 0, out.inserted_at, self.k)  # or the spare entry
-        self.bank[slots, c, at] = x.to(self.bank.dtype)
-        self.bank_norm[slots, c] = out.bank_norm
-        self.streaks[slots, c] = torch.stack(
-            [out.low_streak, out.cooldown.to(out.low_streak.dtype)], 1).float()
+        self.bank.index_put_((slots, column, at), x.to(self.bank.dtype))
+        self.bank_norm.index_put_((slots, column), out.bank_norm)
+        self.streaks.index_put_((slots, column), torch.stack(
+            [out.low_streak, out.cooldown.to(out.low_streak.dtype)], 1).float())
 
     def log(self, slots: torch.Tensor, position: torch.Tensor, layer: int,
             injected: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -82,9 +88,10 @@ class Banks:
         """The hidden rows logged for (`slots`, `position`) on `layer` when they were
         decoded, and where there was one."""
         if not self.log_capacity:  # nothing is logged (TTTS_REPLAY_LOG=0)
-            return self.log_row[slots, 0], torch.zeros_like(slots, dtype=torch.bool)
+            return (self.log_row[slots, torch.zeros_like(slots)],
+                    torch.zeros_like(slots, dtype=torch.bool))
         key = position * len(self.column) + self.column[layer]
-        match = self.log_key[slots, :self.log_capacity] == key.unsqueeze(1)
+        match = self.log_key[slots][:, :self.log_capacity] == key.unsqueeze(1)
         found = match.any(1)
         return self.log_row[slots, match.int().argmax(1)], found
 
@@ -125,7 +132,6 @@ def ttts_layer(banks: Banks, layer: int, h: torch.Tensor, r: torch.Tensor | None
     out = ttts_step(x, torch.zeros_like(x) if res is None else res, norms[rows], tau[rows],
                     valid, rng.uniform(seed[rows], rng.STREAM_TTTS, layer, position[rows]),
                     banks.read(slots, layer), TttsSettings.from_params(params[rows]))
-    banks.write(slots, layer, out, x)
     # x + delta, written back as hidden rows (rows that inject nothing keep their bits)
     delta = torch.zeros(t, h.shape[1], dtype=torch.float32, device=h.device)
     delta = delta.index_add(0, rows, out.delta)
@@ -135,6 +141,9 @@ def ttts_layer(banks: Banks, layer: int, h: torch.Tensor, r: torch.Tensor | None
     unlogged = banks.log(slots, position[rows], layer, out.injected, hidden[rows])
     logged, found = banks.logged_rows(slot, position, layer)
     found = found & replay
+    # Last: traced, the compiler moves each read next to its first use, and the bank is
+    # written in place only if no read of it lands after this write.
+    banks.write(slots, layer, out, x)
     return TttsLayerResult(
         hidden=torch.where(found.unsqueeze(1), logged, hidden), injected=injected,
         injections=out.injected.sum(), no_match=out.no_match.sum(), unlogged=unlogged,
