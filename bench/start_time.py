@@ -19,6 +19,7 @@ import time
 
 ENGINES = {"plain": {}, "monitor": {"VLLM_PATCH": "monitor"}, "loop": {"VLLM_PATCH": "loop"}}
 TARGET = 1.2
+MARK = "telltale-start-s="
 
 
 def start_once(model: str) -> float:
@@ -44,7 +45,7 @@ def main() -> None:
 
     model = args.model or str(default_model_dir())
     if args.child:
-        print(json.dumps({"start_s": start_once(model)}))
+        print(f"{MARK}{start_once(model)}", flush=True)  # vLLM prints to stdout too
         return
     starts = {}
     for name, env in ENGINES.items():
@@ -56,7 +57,8 @@ def main() -> None:
                          TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
         done = subprocess.run([sys.executable, __file__, "--child", "--model", model],
                               env=child_env, capture_output=True, text=True, check=True)
-        starts[name] = json.loads(done.stdout.strip().splitlines()[-1])["start_s"]
+        starts[name] = next(float(line[len(MARK):]) for line in done.stdout.splitlines()
+                            if line.startswith(MARK))
         print(f"{name}: {starts[name]:.0f} s", file=sys.stderr, flush=True)
     plain = starts["plain"]
     print(json.dumps({name: {"start_s": round(s, 1), "ratio": round(s / plain, 3),
