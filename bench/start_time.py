@@ -56,7 +56,11 @@ def main() -> None:
         child_env.update(env, VLLM_DISABLE_COMPILE_CACHE="1",
                          TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
         done = subprocess.run([sys.executable, __file__, "--child", "--model", model],
-                              env=child_env, capture_output=True, text=True, check=True)
+                              env=child_env, capture_output=True, text=True)
+        if done.returncode:
+            tail = "\n".join(done.stderr.splitlines()[-20:])
+            raise SystemExit(f"the {name} engine failed to start (exit {done.returncode}):\n"
+                             f"{tail}")
         starts[name] = next(float(line[len(MARK):]) for line in done.stdout.splitlines()
                             if line.startswith(MARK))
         print(f"{name}: {starts[name]:.0f} s", file=sys.stderr, flush=True)

@@ -59,10 +59,10 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60,
     import numpy as np
     import torch
 
-    configs = CONFIGS if configs is None else configs
-
     from telltale_norm.config import TelltaleConfig, default_layers
     from telltale_norm.runtime import TelltaleRuntime
+
+    configs = CONFIGS if configs is None else configs
 
     config = json.loads((Path(model) / "config.json").read_text())
     num_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
@@ -82,7 +82,8 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60,
         states = [(torch.randn(b, hidden, generator=gen) * 2,
                    torch.randn(b, hidden, generator=gen) * 2) for _ in layers]
         # one runtime for every configuration, so one compiled graph serves them all; static
-        # shapes (vLLM traces the batch dimension dynamically, which compiles far longer here)
+        # shapes (vLLM traces the batch dimension dynamically; here that compile did not
+        # finish in 20 minutes)
         runtime = TelltaleRuntime(engine, num_layers, hidden, max_num_seqs=b * len(configs),
                                   max_num_tokens=b, max_len=1024)
 
