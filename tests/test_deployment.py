@@ -147,3 +147,51 @@ def test_compile_hash_keys_only_what_shapes_the_graph(llama):
               key(TTTS_REPLAY_LOG="4"), engine_config(llama, {}).compute_hash()]
     assert len({base, *others}) == len(others) + 1
     assert key(TELLTALE_ALLOW_LOOP="1") == key(VLLM_PATCH="loop")  # the same graph
+
+
+def test_vllm_gpu_backend_split_keeps_the_compiled_once_step_in_its_pieces():
+    """On a GPU, vLLM's backend splits the traced model at attention (`split_graph`); the
+    step's nested compile region, called at every patched layer, must survive the split:
+    each piece calls the one region body, and the split graph computes what the step does."""
+    import numpy as np
+    import torch
+    from vllm.compilation.backends import split_graph
+
+    from telltale_norm.config import TelltaleConfig
+    from telltale_norm.runtime import TelltaleRuntime
+
+    @torch.library.custom_op("telltale_test::attention", mutates_args=(),
+                             schema="(Tensor x) -> Tensor")
+    def attention(x):  # stands in for vLLM's attention op
+        return x * 0.5
+
+    attention.register_fake(lambda x: torch.empty_like(x))
+    config = TelltaleConfig.from_env({"VLLM_PATCH": "suppress", "PATCHED_LAYERS": "1,2,3"})
+    rt = TelltaleRuntime(config, num_layers=4, hidden_size=8, max_num_seqs=4)
+    extra = {"telltale_tau_json": '{"1": 0, "2": 0, "3": 0}'}
+    rt.begin_step(["a"], np.array([1]), np.array([5]), np.array([5]),
+                  lambda rid: (extra, None, 0))
+
+    def model(hidden, residual):
+        for layer in (1, 2, 3):
+            hidden = torch.ops.telltale_test.attention(hidden)
+            hidden, residual, _ = rt.layer_step(layer, hidden, residual)
+        return hidden
+
+    pieces = {}
+
+    def backend(gm, example_inputs):
+        split_gm, items = split_graph(gm, ["telltale_test::attention"])
+        for item in items:
+            pieces[item.submod_name] = [
+                node.args[0].target for node in item.graph.graph.nodes
+                if node.target is torch.ops.higher_order.invoke_subgraph]
+        return split_gm.forward
+
+    hidden, residual = torch.randn(1, 8), torch.randn(1, 8)
+    expect = model(hidden, residual)  # eager
+    torch._dynamo.reset()
+    got = torch.compile(model, backend=backend, fullgraph=True)(hidden, residual)
+    bodies = [body for called in pieces.values() for body in called]
+    assert len(bodies) == 3 and len(set(bodies)) == 1
+    assert torch.equal(got, expect)

@@ -1,12 +1,15 @@
 """suppress on small tensors: which tokens, by how much, written back exactly."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from telltale_norm import rng
+from telltale_norm.config import TelltaleConfig
 from telltale_norm.methods.suppress import suppress_factors
 from telltale_norm.norms import residual_stream, scale_residual_stream, token_norms
+from telltale_norm.requests import request_row
 
 
 def _args(norms, tau, **kw):
@@ -91,3 +94,17 @@ def test_draws_depend_only_on_seed_layer_and_position():
     assert 0.0 <= float(big.min()) and float(big.max()) < 1.0
     assert abs(float(big.mean()) - 0.5) < 0.01
     assert abs(float((big < 0.05).float().mean()) - 0.05) < 0.003
+
+
+@pytest.mark.parametrize("method,stream", [("suppress", rng.STREAM_SUPPRESS),
+                                           ("ttts", rng.STREAM_TTTS)])
+def test_the_host_key_of_an_admitted_request_gives_the_draws_of_its_stream(method, stream):
+    # the layer step draws from the key computed in numpy at admission
+    cfg = TelltaleConfig.from_env({"VLLM_PATCH": method})
+    seed = 2**62 + 12345
+    row = request_row(cfg, num_layers=5, seed=seed)
+    position = torch.tensor([0, 9, 10**6])
+    for layer in range(5):
+        expect = rng.uniform(torch.full_like(position, seed), stream, layer, position)
+        got = rng.draw(torch.from_numpy(row.rng_key[[layer]]), position)
+        assert torch.equal(got, expect)

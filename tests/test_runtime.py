@@ -295,3 +295,41 @@ def test_eager_steps_that_skip_unused_methods_equal_steps_doing_every_method(mon
         assert torch.equal(skipping[2][name], every[2][name]), name
     assert [t.to_dict() for t in skipping[3]] == [t.to_dict() for t in every[3]]
     assert len(every[3]) == 1  # the traced rerank request
+
+
+def test_traced_the_step_is_one_region_called_at_every_patched_layer():
+    """The compiler traces (and compiles) the step once for all patched layers: layers are
+    told apart by their key tensors, never by Python numbers. The traced graph acts as the
+    eager step does."""
+    env = {"PATCHED_LAYERS": "1,2,3"}
+    extra = {"telltale_method": "suppress", "telltale_tau_json": '{"1": 0, "2": 0, "3": 0}'}
+    bodies, calls = set(), []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.higher_order.invoke_subgraph:
+                calls.append(node)
+                bodies.add(node.args[0].target)
+        return gm.forward  # run the traced graph as it is
+
+    def steps(rt, hidden, residual):
+        for layer in (1, 2, 3):
+            hidden, residual, _ = rt.layer_step(layer, hidden, residual)
+        return hidden
+
+    hidden, residual = torch.randn(3, H), torch.randn(3, H)
+    outputs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        rt = make_runtime(**env)
+        rt.begin_step(["a", "b"], np.array([1, 2]), np.array([5, 0]), np.array([5, 9]),
+                      lambda rid: (extra, None, 0))
+        run = torch.compile(steps, backend=backend, fullgraph=True) if compiled else steps
+        outputs.append((run(rt, hidden, residual), rt.counters["suppressed"].clone(),
+                        rt.counters["tokens"].clone()))
+    assert len(calls) == 3 and len(bodies) == 1
+    (eager, *eager_counts), (traced, *traced_counts) = outputs
+    assert torch.equal(eager, traced) and not torch.equal(eager, hidden)
+    for a, b in zip(eager_counts, traced_counts):
+        assert torch.equal(a, b)
+    assert eager_counts[0].tolist() == [0, 1, 1, 1]  # the decode token, at each layer

@@ -81,15 +81,11 @@ class StepBuffers:
     (it is replayed for every later mix).
     """
 
-    FIELDS = ("token_slot", "position", "flags", "ttts_rows")
-
     def __init__(self, max_tokens: int, null_slot: int, device: torch.device) -> None:
         self.max_tokens = max_tokens
         self._null = np.array([null_slot, 0, 0, 0], dtype=np.int64)[:, None]
         self._host = np.repeat(self._null, max_tokens, axis=1)
         self._packed = torch.from_numpy(self._host).to(device)
-        for i, name in enumerate(self.FIELDS):
-            setattr(self, name, self._packed[i])
         self.ttts_valid = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         # False outside a step: vLLM's warm-up and dummy runs pass through the layer steps
         # too, and must not act on the last step's requests
@@ -98,6 +94,24 @@ class StepBuffers:
         self._written = 0  # rows the last step wrote (reset to null by the next write)
         self.methods: frozenset[int] = frozenset()
         self.recorded = False
+
+    # Rows of the packed buffer, taken where they are used: a traced region whose inputs are
+    # views of one buffer is refused (its inputs would alias).
+    @property
+    def token_slot(self) -> torch.Tensor:
+        return self._packed[0]
+
+    @property
+    def position(self) -> torch.Tensor:
+        return self._packed[1]
+
+    @property
+    def flags(self) -> torch.Tensor:
+        return self._packed[2]
+
+    @property
+    def ttts_rows(self) -> torch.Tensor:
+        return self._packed[3]
 
     def write(self, plan: StepPlan) -> None:
         t = plan.num_tokens

@@ -10,11 +10,18 @@ skips the work of methods no token of the step uses (the step's mix is known on 
 before the forward). Only loop's re-runs need Python and a host synchronisation:
 `methods.loop.LoopLayer` runs them after this step, from the `gate` it returns (each
 token's norm and, for the tokens loop may act on, its tau).
+
+Traced, every patched layer runs the same code on the same buffers: what tells layers apart
+is a small device tensor per layer (its *key*: the layer index and its column in the banks
+and the record), never a Python number. The step is a nested compile region, so the
+compiler traces and compiles it once and calls it at every patched layer: a patched
+compiled engine starts about as fast as a plain one, however many layers it patches.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -43,6 +50,9 @@ STEP_COUNTERS = (
     "max_low_streak",  # ttts: the longest low-norm streak seen (a maximum, not a sum)
 )
 C = {name: i for i, name in enumerate(STEP_COUNTERS)}
+# a layer's key: its index and its column in the banks and the record, as [1] tensors (an
+# index that is a 0-dim tensor would be read on the host)
+LAYER, COLUMN = slice(0, 1), slice(1, 2)
 
 
 class LayerStep:
@@ -50,18 +60,37 @@ class LayerStep:
 
     def __init__(self, states: RequestStates, step: StepBuffers, quantiles: StreamingQuantiles,
                  counters: torch.Tensor, banks: Banks, recorder: TraceRecorder,
-                 decode_steps: torch.Tensor) -> None:
+                 decode_steps: torch.Tensor, layers: Sequence[int]) -> None:
         self.states, self.step, self.quantiles = states, step, quantiles
         self.counters, self.banks, self.recorder = counters, banks, recorder
         self.decode_steps = decode_steps  # [1] int64 on the device, written once per step
+        # one key per patched layer: (layer, column in the banks and the record)
+        self.keys = {layer: torch.tensor([layer, column], device=counters.device)
+                     for column, layer in enumerate(layers)}
+        self._counter_rows = torch.arange(len(STEP_COUNTERS), device=counters.device)
+        self._is_max = self._counter_rows == C["max_low_streak"]
+        # compiled once, called at every layer (a closure: its only inputs are tensors)
+        self._traced = torch.compiler.nested_compile_region(
+            lambda hidden, residual, key: self._step(hidden, residual, key, EVERY_METHOD, True))
 
     def __call__(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The layer's new `(hidden, residual)` for the current step (inputs untouched),
         and loop's `gate` `[tokens, 2]`: each token's norm, and its tau where loop may act
         on it (NaN elsewhere)."""
+        key = self.keys[layer]
+        if _graph_building(hidden):  # replayed for every later mix: do every method's work
+            hidden, gate = self._traced(hidden, residual, key)
+        else:  # eagerly, the step's mix (known on the host) skips the work no token needs
+            hidden, gate = self._step(hidden, residual, key, self.step.methods,
+                                      self.step.recorded)
+        return hidden, residual, gate
+
+    def _step(self, hidden: torch.Tensor, residual: torch.Tensor | None, key: torch.Tensor,
+              methods: frozenset[int], recorded: bool) -> tuple[torch.Tensor, torch.Tensor]:
         t = hidden.shape[0]
-        tables, step, count = self.states.tables, self.step, self.counters[:, layer]
+        layer, column = key[LAYER], key[COLUMN]
+        tables, step = self.states.tables, self.step
         slot = step.token_slot[:t]
         flags = step.flags[:t]
         decode, replay = (flags & DECODE) != 0, (flags & REPLAY) != 0
@@ -73,35 +102,41 @@ class LayerStep:
 
         norms = token_norms(hidden, residual)
         self.quantiles.update(layer, norms, observe)
-        count[C["tokens"]] += observe.sum()
-        # Eagerly, the step's mix (known on the host) skips the work no token needs; a
-        # traced or captured step does all of it, since it is replayed for every later mix.
-        every = _graph_building(hidden)
-        methods = EVERY_METHOD if every else step.methods
-        column = self.recorder.column.get(layer) if every or step.recorded else None
-        if column is None and not methods & ACTING:
-            return hidden, residual, torch.stack([norms, torch.full_like(norms, math.nan)], 1)
+        counts = {"tokens": observe.sum()}
+        if not recorded and not methods & ACTING:
+            self._count(layer, counts)
+            return hidden, torch.stack([norms, torch.full_like(norms, math.nan)], 1)
         tau, ready = self._tau(layer, tables["tau"][slot, layer], params)
         edit = in_layer & ready & (decode | replay)
         gate = torch.stack([norms, torch.where(edit & (method == LOOP), tau, math.nan)], 1)
         action = torch.zeros_like(norms)
-        if layer in self.banks.column and TTTS in methods:
-            hidden, injected = self._ttts(layer, hidden, residual, norms, tau, in_layer & ready,
-                                          params, slot, replay & in_layer & (method == TTTS),
-                                          count)
-            action = action + injected * ACTION_INJECT
+        if methods & {SUPPRESS, TTTS}:  # one draw per token, from its method's stream
+            draws = rng.draw(tables["rng_key"][slot, layer], step.position[:t])
+        if TTTS in methods:
+            rows = step.ttts_rows[:min(t, self.states.capacity)]  # one decode token per slot
+            out = ttts_layer(self.banks, column, hidden, residual, norms, tau, rows,
+                             step.ttts_valid[:len(rows)] & (in_layer & ready)[rows], slot,
+                             step.position[:t], draws, params,
+                             replay & in_layer & (method == TTTS))
+            hidden = out.hidden
+            counts.update(injections=out.injections, inject_no_match=out.no_match,
+                          injections_unlogged=out.unlogged, injections_replayed=out.replayed,
+                          max_low_streak=out.max_low_streak)
+            action = action + out.injected * ACTION_INJECT
         if SUPPRESS in methods:
-            hidden, suppressed = self._suppress(layer, hidden, residual, norms, tau, params,
-                                                slot, in_layer & ready & (method == SUPPRESS),
-                                                decode | replay)
-            count[C["suppressed"]] += (suppressed & new).sum()
+            hidden, suppressed = suppress_layer(
+                hidden, residual, norms, tau, params, in_layer & ready & (method == SUPPRESS),
+                decode | replay, draws)
+            counts["suppressed"] = (suppressed & new).sum()
             action = action + suppressed * ACTION_SUPPRESS
-        if column is not None:
-            self.recorder.record[:t, column] = torch.stack(
-                [norms, torch.where(in_layer, tau, math.nan), action], 1)
-        return hidden, residual, gate
+        if recorded:
+            self.recorder.record.index_put_(
+                (torch.arange(t, device=hidden.device), column.expand(t)),
+                torch.stack([norms, torch.where(in_layer, tau, math.nan), action], 1))
+        self._count(layer, counts)
+        return hidden, gate
 
-    def _tau(self, layer: int, fixed: torch.Tensor, params: torch.Tensor
+    def _tau(self, layer: torch.Tensor, fixed: torch.Tensor, params: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token tau for `layer`, and whether it may be acted on (not warming up)."""
         q1, q3 = self.quantiles.quartiles(layer)
@@ -112,30 +147,23 @@ class LayerStep:
         tau = torch.where(is_fixed, fixed, torch.where(warm, adaptive, math.inf))
         return tau, is_fixed | warm
 
-    def _suppress(self, layer: int, h: torch.Tensor, r: torch.Tensor | None,
-                  norms: torch.Tensor, tau: torch.Tensor, params: torch.Tensor,
-                  slot: torch.Tensor, eligible: torch.Tensor, output: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        draws = rng.uniform(self.states.tables["seed"][slot], rng.STREAM_SUPPRESS, layer,
-                            self.step.position[:len(slot)])
-        return suppress_layer(h, r, norms, tau, params, eligible, output, draws)
-
-    def _ttts(self, layer: int, h: torch.Tensor, r: torch.Tensor | None, norms: torch.Tensor,
-              tau: torch.Tensor, acting: torch.Tensor, params: torch.Tensor, slot: torch.Tensor,
-              replay: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.step
-        t = h.shape[0]
-        rows = step.ttts_rows[:min(t, self.states.capacity)]  # one decode token per slot
-        out = ttts_layer(self.banks, layer, h, r, norms, tau, rows,
-                         step.ttts_valid[:len(rows)] & acting[rows], slot, step.position[:t],
-                         self.states.tables["seed"][slot], params, replay)
-        for name, value in (("injections", out.injections), ("inject_no_match", out.no_match),
-                            ("injections_unlogged", out.unlogged),
-                            ("injections_replayed", out.replayed)):
-            count[C[name]] += value
-        count[C["max_low_streak"]] = torch.maximum(count[C["max_low_streak"]],
-                                                   out.max_low_streak.double())
-        return out.hidden, out.injected
+    def _count(self, layer: torch.Tensor, counts: dict[str, torch.Tensor]) -> None:
+        """Add the step's counts to the layer's counters: `max_low_streak` keeps a maximum,
+        the others sum. Without ttts's counts (an eager step: `tokens`, maybe `suppressed`)
+        they are the first counters, added in one scatter."""
+        if "max_low_streak" not in counts:
+            rows = self._counter_rows[:len(counts)]
+            self.counters.index_put_((rows, layer.expand_as(rows)), torch.stack(
+                [counts[name].double() for name in STEP_COUNTERS[:len(counts)]]),
+                accumulate=True)
+            return
+        rows = self._counter_rows
+        where = (rows, layer.expand_as(rows))
+        old = self.counters[where]
+        step = torch.stack([counts[name].double() if name in counts else old.new_zeros(())
+                            for name in STEP_COUNTERS])
+        self.counters.index_put_(where, torch.where(self._is_max, torch.maximum(old, step),
+                                                    old + step))
 
 
 def _graph_building(hidden: torch.Tensor) -> bool:

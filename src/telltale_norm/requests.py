@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from telltale_norm import rng
 from telltale_norm.config import METHODS, TelltaleConfig
 
 # Columns of the per-request float parameter table, in one place.
@@ -43,6 +44,7 @@ class RequestRow:
     tau: np.ndarray  # float32 [num_layers], NaN = adaptive
     layers: np.ndarray  # bool [num_layers]
     seed: int
+    rng_key: np.ndarray  # int64 [num_layers]: `rng.layer_key` of its seed and stream
     trace: bool
 
 
@@ -73,7 +75,9 @@ def request_row(cfg: TelltaleConfig, num_layers: int, seed: int) -> RequestRow:
             tau[layer] = value
     layers = np.zeros(num_layers, dtype=bool)
     layers[list(cfg.patched_layers(num_layers))] = True
-    return RequestRow(METHOD_ID[cfg.method], params, tau, layers, seed,
+    stream = rng.STREAM_TTTS if cfg.method == "ttts" else rng.STREAM_SUPPRESS
+    rng_key = rng.layer_key(np.int64(seed), stream, np.arange(num_layers, dtype=np.int64))
+    return RequestRow(METHOD_ID[cfg.method], params, tau, layers, seed, rng_key,
                       trace=cfg.trace or cfg.method == "rerank")
 
 
@@ -97,8 +101,9 @@ class RequestStates:
         self.tau = np.full((rows, num_layers), math.nan, dtype=np.float32)
         self.layers = np.zeros((rows, num_layers), dtype=bool)  # acts on the layer (not off)
         self.seed = np.zeros(rows, dtype=np.int64)
+        self.rng_key = np.zeros((rows, num_layers), dtype=np.int64)  # per layer (rng.py)
         self.tables = {name: torch.from_numpy(getattr(self, name)).to(self.device)
-                       for name in ("method", "params", "tau", "layers", "seed")}
+                       for name in ("method", "params", "tau", "layers", "seed", "rng_key")}
         # host-only bookkeeping
         self.high_water = np.full(rows, -1, dtype=np.int64)
         self.prompt_len = np.zeros(rows, dtype=np.int64)
@@ -147,6 +152,7 @@ class RequestStates:
         self.tau[slot] = row.tau
         self.layers[slot] = row.layers & (row.method != OFF)
         self.seed[slot] = row.seed
+        self.rng_key[slot] = row.rng_key
         self.high_water[slot] = -1
         self.prompt_len[slot] = prompt_len
         self.traced[slot] = row.trace and row.method != OFF

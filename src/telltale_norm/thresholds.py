@@ -41,18 +41,22 @@ class StreamingQuantiles:
         """Values seen per layer `[num_layers]`."""
         return self.counts.sum(1)
 
-    def update(self, layer: int, values: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Add `values` (weighted 0/1 by `weight`, so masks need no boolean indexing)."""
+    def update(self, layer: int | torch.Tensor, values: torch.Tensor,
+               weight: torch.Tensor | None = None) -> None:
+        """Add `values` (weighted 0/1 by `weight`, so masks need no boolean indexing) to
+        `layer` (an int, or a [1] int64 device tensor: then every layer runs the same
+        code)."""
         v = values.double()
         w = torch.ones_like(v) if weight is None else weight.double()
         idx = v.clamp_min(1e-30).log_().sub_(_LOG_LO).div_(self.width).long()
         # scatters into the whole buffers (traced, writing through a row view would copy
         # the whole histogram on every step)
-        row = torch.full_like(idx, layer)
-        self.counts.index_put_((row, idx.clamp_(0, self.bins - 1)), w, accumulate=True)
-        self.sum.index_put_((idx.new_full((1,), layer),), v.dot(w).unsqueeze(0), accumulate=True)
+        row = torch.as_tensor(layer, device=idx.device)
+        self.counts.index_put_((row.expand_as(idx), idx.clamp_(0, self.bins - 1)), w,
+                               accumulate=True)
+        self.sum.index_put_((row.view(1),), v.dot(w).unsqueeze(0), accumulate=True)
 
-    def quartiles(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def quartiles(self, layer: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Q1 and Q3 of the layer's values (device scalars, NaN while empty)."""
         q1, q3 = self.quantiles(layer, self._quartile_q)
         return q1, q3
@@ -64,20 +68,22 @@ class StreamingQuantiles:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.counts, self.sum))
 
-    def quantiles(self, layer: int, qs: torch.Tensor | list[float]) -> torch.Tensor:
+    def quantiles(self, layer: int | torch.Tensor, qs: torch.Tensor | list[float]
+                  ) -> torch.Tensor:
         """Estimates of the `qs` quantiles (numpy's 'linear' definition) of layer's values.
 
         The k-th smallest value is placed inside its bin by its rank among the bin's values;
         the estimate interpolates between ranks floor(q(n-1)) and ceil(q(n-1)). NaN if empty.
         """
         q = torch.as_tensor(qs, dtype=torch.float64, device=self.counts.device)
-        counts = self.counts[layer]
+        counts = self.counts[layer].reshape(self.bins)  # (an int or a [1] tensor)
         cum = counts.cumsum(0)
         n = cum[-1]
         rank = q * (n - 1).clamp_min(0)
-        lo_rank, hi_rank = rank.floor(), rank.ceil()
-        est = (self._value_of_rank(cum, counts, lo_rank) * (1 - (rank - lo_rank))
-               + self._value_of_rank(cum, counts, hi_rank) * (rank - lo_rank))
+        frac = rank - rank.floor()
+        # both neighbouring ranks in one search
+        lo, hi = self._value_of_rank(cum, counts, torch.stack([rank.floor(), rank.ceil()]))
+        est = lo * (1 - frac) + hi * frac
         return torch.where(n > 0, est, torch.full_like(est, float("nan")))
 
     def _value_of_rank(self, cum: torch.Tensor, counts: torch.Tensor,

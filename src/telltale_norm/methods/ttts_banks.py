@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from telltale_norm import rng
 from telltale_norm.norms import residual_stream, shifted_residual_stream
 from telltale_norm.methods.ttts import BankState, TttsOutcome, TttsSettings, ttts_step
 from telltale_norm.requests import RequestStates
@@ -51,46 +50,48 @@ class Banks:
 
     # Traced, every access indexes a whole buffer with index tensors (views are taken of the
     # result, never of the buffer): the compiler then writes the buffers in place, where a
-    # view of a buffer makes it copy the whole buffer on every step.
-    def _at(self, slots: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return slots, torch.full_like(slots, self.column[layer])
+    # view of a buffer makes it copy the whole buffer on every step. A layer's column
+    # (`self.column[layer]`) comes as a [1] device tensor, so every layer runs the same code.
+    @staticmethod
+    def _at(slots: torch.Tensor, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return slots, column.expand_as(slots)
 
-    def read(self, slots: torch.Tensor, layer: int) -> BankState:
-        at = self._at(slots, layer)
+    def read(self, slots: torch.Tensor, column: torch.Tensor) -> BankState:
+        at = self._at(slots, column)
         streaks = self.streaks[at]
         return BankState(self.bank[at][:, :self.k], self.bank_norm[at],
                          streaks[:, 0], streaks[:, 1])
 
-    def write(self, slots: torch.Tensor, layer: int, out: TttsOutcome, x: torch.Tensor
-              ) -> None:
-        slots, column = self._at(slots, layer)
+    def write(self, slots: torch.Tensor, column: torch.Tensor, out: TttsOutcome,
+              x: torch.Tensor) -> None:
+        slots, column = self._at(slots, column)
         at = torch.where(out.inserted_at >= 0, out.inserted_at, self.k)  # or the spare entry
         self.bank.index_put_((slots, column, at), x.to(self.bank.dtype))
         self.bank_norm.index_put_((slots, column), out.bank_norm)
         self.streaks.index_put_((slots, column), torch.stack(
             [out.low_streak, out.cooldown.to(out.low_streak.dtype)], 1).float())
 
-    def log(self, slots: torch.Tensor, position: torch.Tensor, layer: int,
+    def log(self, slots: torch.Tensor, position: torch.Tensor, column: torch.Tensor,
             injected: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Log the injected tokens' new hidden `rows` for replay; returns how many did not
         fit (a 0-dim tensor)."""
         count = self.log_count[slots]
         logged = injected & (count < self.log_capacity)
         at = torch.where(logged, count, self.log_capacity)  # or the spare entry
-        key = position * len(self.column) + self.column[layer]
+        key = position * len(self.column) + column
         self.log_key[slots, at] = torch.where(logged, key, -1)
         self.log_row[slots, at] = rows.to(self.log_row.dtype)
         self.log_count[slots] = count + logged.long()
         return (injected & ~logged).sum()
 
-    def logged_rows(self, slots: torch.Tensor, position: torch.Tensor, layer: int
+    def logged_rows(self, slots: torch.Tensor, position: torch.Tensor, column: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The hidden rows logged for (`slots`, `position`) on `layer` when they were
-        decoded, and where there was one."""
+        """The hidden rows logged for (`slots`, `position`) on the layer of `column` when
+        they were decoded, and where there was one."""
         if not self.log_capacity:  # nothing is logged (TTTS_REPLAY_LOG=0)
             return (self.log_row[slots, torch.zeros_like(slots)],
                     torch.zeros_like(slots, dtype=torch.bool))
-        key = position * len(self.column) + self.column[layer]
+        key = position * len(self.column) + column
         match = self.log_key[slots][:, :self.log_capacity] == key.unsqueeze(1)
         found = match.any(1)
         return self.log_row[slots, match.int().argmax(1)], found
@@ -117,33 +118,34 @@ class TttsLayerResult:
     max_low_streak: torch.Tensor
 
 
-def ttts_layer(banks: Banks, layer: int, h: torch.Tensor, r: torch.Tensor | None,
-               norms: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor,
-               valid: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
-               seed: torch.Tensor, params: torch.Tensor, replay: torch.Tensor
-               ) -> TttsLayerResult:
-    """ERSS on one layer for a step: `rows` index the step's ttts decode tokens (`valid`
-    where a row is one that may act); `slot`, `position`, `seed`, `params` are per token of
-    the step; `replay` marks the recomputed output tokens of ttts requests."""
+def ttts_layer(banks: Banks, column: torch.Tensor, h: torch.Tensor,
+               r: torch.Tensor | None, norms: torch.Tensor, tau: torch.Tensor,
+               rows: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
+               position: torch.Tensor, draws: torch.Tensor, params: torch.Tensor,
+               replay: torch.Tensor) -> TttsLayerResult:
+    """ERSS on one layer for a step (its bank `column`, a [1] device tensor):
+    `rows` index the step's ttts decode tokens (`valid` where a row is one that may act);
+    `slot`, `position`, `draws` (`rng.STREAM_TTTS`), `params` are per token of the step; `replay` marks the
+    recomputed output tokens of ttts requests."""
     t = h.shape[0]
     slots = torch.where(valid, slot[rows], banks.states.null_slot)  # padding: null slot
     res = None if r is None else r[rows].float()
     x = residual_stream(h[rows], res)
     out = ttts_step(x, torch.zeros_like(x) if res is None else res, norms[rows], tau[rows],
-                    valid, rng.uniform(seed[rows], rng.STREAM_TTTS, layer, position[rows]),
-                    banks.read(slots, layer), TttsSettings.from_params(params[rows]))
+                    valid, draws[rows],
+                    banks.read(slots, column), TttsSettings.from_params(params[rows]))
     # x + delta, written back as hidden rows (rows that inject nothing keep their bits)
     delta = torch.zeros(t, h.shape[1], dtype=torch.float32, device=h.device)
     delta = delta.index_add(0, rows, out.delta)
     injected = torch.zeros(t, dtype=torch.int32, device=h.device).index_add(
         0, rows, out.injected.int()) > 0
     hidden = torch.where(injected.unsqueeze(1), shifted_residual_stream(h, delta), h)
-    unlogged = banks.log(slots, position[rows], layer, out.injected, hidden[rows])
-    logged, found = banks.logged_rows(slot, position, layer)
+    unlogged = banks.log(slots, position[rows], column, out.injected, hidden[rows])
+    logged, found = banks.logged_rows(slot, position, column)
     found = found & replay
     # Last: traced, the compiler moves each read next to its first use, and the bank is
     # written in place only if no read of it lands after this write.
-    banks.write(slots, layer, out, x)
+    banks.write(slots, column, out, x)
     return TttsLayerResult(
         hidden=torch.where(found.unsqueeze(1), logged, hidden), injected=injected,
         injections=out.injected.sum(), no_match=out.no_match.sum(), unlogged=unlogged,
