@@ -26,7 +26,7 @@ FORCED_TTTS = dict(telltale_method="ttts", telltale_tau_json='{"1": 1e-3, "2": 1
 def documented_bytes(dtype_bytes: int) -> dict[str, int]:
     """README's table: bytes per slot (and the null slot), per step token, and statistics."""
     slots = SEQS + 1
-    per_slot_tables = 4 * len(PARAM_COLUMNS) + NUM_LAYERS * (4 + 1 + 8) + 8 + 8
+    per_slot_tables = 4 * len(PARAM_COLUMNS) + NUM_LAYERS * (4 + 1 + 8) + 8
     per_slot_banks = (LAYERS * ((BANK_K + 1) * HIDDEN * dtype_bytes + BANK_K * 4 + 2 * 4)
                       + (LOG + 1) * (HIDDEN * dtype_bytes + 8) + 8)
     per_token = 4 * 8 + 1 + LAYERS * 4 * 4  # step metadata, ttts rows, the record, loop bits

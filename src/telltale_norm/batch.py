@@ -68,6 +68,12 @@ def plan_step(states: RequestStates, slots: np.ndarray, num_scheduled: np.ndarra
                     position - states.prompt_len[token_slot], ttts_rows, methods, recorded)
 
 
+def _packed_row(index: int) -> property:
+    # Taken where it is used, never stored: a traced region whose inputs are views of one
+    # buffer is refused (its inputs would alias).
+    return property(lambda self: self._packed[index])
+
+
 class StepBuffers:
     """Fixed device buffers of per-token step metadata, for up to `max_tokens` tokens.
 
@@ -95,23 +101,7 @@ class StepBuffers:
         self.methods: frozenset[int] = frozenset()
         self.recorded = False
 
-    # Rows of the packed buffer, taken where they are used: a traced region whose inputs are
-    # views of one buffer is refused (its inputs would alias).
-    @property
-    def token_slot(self) -> torch.Tensor:
-        return self._packed[0]
-
-    @property
-    def position(self) -> torch.Tensor:
-        return self._packed[1]
-
-    @property
-    def flags(self) -> torch.Tensor:
-        return self._packed[2]
-
-    @property
-    def ttts_rows(self) -> torch.Tensor:
-        return self._packed[3]
+    token_slot, position, flags, ttts_rows = (_packed_row(i) for i in range(4))
 
     def write(self, plan: StepPlan) -> None:
         t = plan.num_tokens

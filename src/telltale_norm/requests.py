@@ -3,8 +3,8 @@
 Every live request owns one of a fixed number of slots (the engine's `max_num_seqs`), plus
 one spare *null* slot that padding tokens point at: it is never admitted, so its method is
 `off` and writes aimed at it are harmless. A request's settings (method, hyperparameters,
-per-layer tau and layer mask, seed) are written once on the host when it is admitted and
-reach the device in one copy per table per step (`sync`). Each method keeps its own
+per-layer tau, layer mask and random keys) are written once on the host when it is
+admitted and reach the device in one copy per table per step (`sync`). Each method keeps its own
 per-request state in buffers registered here. Every device tensor is allocated once, at a
 fixed address, before vLLM sizes its KV cache: nothing grows under load, and compiled
 graphs and CUDA graphs can keep pointing at them.
@@ -43,7 +43,6 @@ class RequestRow:
     params: np.ndarray  # float32 [len(PARAM_COLUMNS)]
     tau: np.ndarray  # float32 [num_layers], NaN = adaptive
     layers: np.ndarray  # bool [num_layers]
-    seed: int
     rng_key: np.ndarray  # int64 [num_layers]: `rng.layer_key` of its seed and stream
     trace: bool
 
@@ -77,7 +76,7 @@ def request_row(cfg: TelltaleConfig, num_layers: int, seed: int) -> RequestRow:
     layers[list(cfg.patched_layers(num_layers))] = True
     stream = rng.STREAM_TTTS if cfg.method == "ttts" else rng.STREAM_SUPPRESS
     rng_key = rng.layer_key(np.int64(seed), stream, np.arange(num_layers, dtype=np.int64))
-    return RequestRow(METHOD_ID[cfg.method], params, tau, layers, seed, rng_key,
+    return RequestRow(METHOD_ID[cfg.method], params, tau, layers, rng_key,
                       trace=cfg.trace or cfg.method == "rerank")
 
 
@@ -100,10 +99,9 @@ class RequestStates:
         self.params = np.zeros((rows, len(PARAM_COLUMNS)), dtype=np.float32)
         self.tau = np.full((rows, num_layers), math.nan, dtype=np.float32)
         self.layers = np.zeros((rows, num_layers), dtype=bool)  # acts on the layer (not off)
-        self.seed = np.zeros(rows, dtype=np.int64)
-        self.rng_key = np.zeros((rows, num_layers), dtype=np.int64)  # per layer (rng.py)
+        self.rng_key = np.zeros((rows, num_layers), dtype=np.int64)  # of seed, stream, layer
         self.tables = {name: torch.from_numpy(getattr(self, name)).to(self.device)
-                       for name in ("method", "params", "tau", "layers", "seed", "rng_key")}
+                       for name in ("method", "params", "tau", "layers", "rng_key")}
         # host-only bookkeeping
         self.high_water = np.full(rows, -1, dtype=np.int64)
         self.prompt_len = np.zeros(rows, dtype=np.int64)
@@ -151,7 +149,6 @@ class RequestStates:
         self.params[slot] = row.params
         self.tau[slot] = row.tau
         self.layers[slot] = row.layers & (row.method != OFF)
-        self.seed[slot] = row.seed
         self.rng_key[slot] = row.rng_key
         self.high_water[slot] = -1
         self.prompt_len[slot] = prompt_len

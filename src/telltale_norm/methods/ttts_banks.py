@@ -123,17 +123,17 @@ def ttts_layer(banks: Banks, column: torch.Tensor, h: torch.Tensor,
                rows: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
                position: torch.Tensor, draws: torch.Tensor, params: torch.Tensor,
                replay: torch.Tensor) -> TttsLayerResult:
-    """ERSS on one layer for a step (its bank `column`, a [1] device tensor):
-    `rows` index the step's ttts decode tokens (`valid` where a row is one that may act);
-    `slot`, `position`, `draws` (`rng.STREAM_TTTS`), `params` are per token of the step; `replay` marks the
-    recomputed output tokens of ttts requests."""
+    """ERSS on one layer for a step (its bank `column`, a [1] device tensor): `rows` index
+    the step's ttts decode tokens (`valid` where a row is one that may act); `slot`,
+    `position`, `draws` (uniforms of `rng.STREAM_TTTS`) and `params` are per token of the
+    step; `replay` marks the recomputed output tokens of ttts requests."""
     t = h.shape[0]
     slots = torch.where(valid, slot[rows], banks.states.null_slot)  # padding: null slot
     res = None if r is None else r[rows].float()
     x = residual_stream(h[rows], res)
     out = ttts_step(x, torch.zeros_like(x) if res is None else res, norms[rows], tau[rows],
-                    valid, draws[rows],
-                    banks.read(slots, column), TttsSettings.from_params(params[rows]))
+                    valid, draws[rows], banks.read(slots, column),
+                    TttsSettings.from_params(params[rows]))
     # x + delta, written back as hidden rows (rows that inject nothing keep their bits)
     delta = torch.zeros(t, h.shape[1], dtype=torch.float32, device=h.device)
     delta = delta.index_add(0, rows, out.delta)
