@@ -21,7 +21,6 @@ layers are patched (docs/BENCHMARKS.md: a compiled start 1.13x a plain one).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -60,13 +59,13 @@ class LayerStep:
 
     def __init__(self, states: RequestStates, step: StepBuffers, quantiles: StreamingQuantiles,
                  counters: torch.Tensor, banks: Banks, recorder: TraceRecorder,
-                 decode_steps: torch.Tensor, layers: Sequence[int]) -> None:
+                 decode_steps: torch.Tensor) -> None:
         self.states, self.step, self.quantiles = states, step, quantiles
         self.counters, self.banks, self.recorder = counters, banks, recorder
         self.decode_steps = decode_steps  # [1] int64 on the device, written once per step
-        # one key per patched layer: (layer, column in the banks and the record)
+        # one key per patched layer: (layer, its column in the banks and the record)
         self.keys = {layer: torch.tensor([layer, column], device=counters.device)
-                     for column, layer in enumerate(layers)}
+                     for layer, column in banks.column.items()}
         self._counter_rows = torch.arange(len(STEP_COUNTERS), device=counters.device)
         self._is_max = self._counter_rows == C["max_low_streak"]
         # compiled once, called at every layer (a closure: its only inputs are tensors)

@@ -67,8 +67,7 @@ class TelltaleRuntime:
         self.buffers = StepBuffers(max_num_tokens, self.states.null_slot, self.device)
         self._decode_steps = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.layer_step = LayerStep(self.states, self.buffers, self.quantiles, step_counters,
-                                    self.banks, self.traces, self._decode_steps,
-                                    self.patched_layers)
+                                    self.banks, self.traces, self._decode_steps)
         self.loop_layer = LoopLayer(
             self.states.tables["params"], self.buffers.token_slot,
             lambda t: (self.buffers.flags[:t] & REPLAY) != 0, loop_counters,
