@@ -56,6 +56,24 @@ def test_weights_mask_values_out():
     assert float(sq.quantiles(0, [1.0])[0]) == pytest.approx(2.0, rel=REL)
 
 
+def test_refreshed_quartiles_of_many_layers_equal_each_layers_own_until_the_next_refresh():
+    gen = torch.Generator().manual_seed(1)
+    sq = StreamingQuantiles(num_layers=5)
+    for layer, n in ((1, 300), (3, 1), (4, 57)):  # layer 0 and 2 stay empty
+        sq.update(layer, torch.rand(n, generator=gen) * 50 + layer)
+    sq.refresh_quartiles(torch.tensor([0, 1, 3, 4]))
+    for layer in (1, 3, 4):
+        expect = torch.stack(sq.quartiles(layer)).float()
+        assert torch.equal(sq.step_quartiles[layer], expect)
+    assert sq.step_quartiles[[0, 2]].isnan().all()  # empty, and not refreshed
+    before = sq.step_quartiles.clone()
+    sq.update(1, torch.full((1000,), 1e4))  # values of the current step: read next step
+    torch.testing.assert_close(sq.step_quartiles, before, rtol=0, atol=0, equal_nan=True)
+    sq.refresh_quartiles(torch.tensor([1]))
+    assert (sq.step_quartiles[1] > 1e3).all() and torch.equal(sq.step_quartiles[3:],
+                                                              before[3:])
+
+
 def test_adaptive_tau_rule():
     q1, q3 = torch.tensor([10.0, 5.0]), torch.tensor([14.0, 5.0])
     tau = adaptive_tau(q1, q3, 1.5, 1e-3, 0.0)

@@ -62,7 +62,7 @@ def plan_step(states: RequestStates, slots: np.ndarray, num_scheduled: np.ndarra
                                           num_computed + num_scheduled - 1)
     method = states.method[token_slot]
     ttts_rows = np.flatnonzero(decode & (method == TTTS))
-    methods = frozenset(np.unique(method[decode | replay]).tolist()) - {OFF}
+    methods = frozenset(method[decode | replay].tolist()) - {OFF}
     recorded = bool((decode & states.traced[token_slot]).any())
     return StepPlan(num_tokens, token_slot, position, decode, replay,
                     position - states.prompt_len[token_slot], ttts_rows, methods, recorded)

@@ -138,8 +138,8 @@ class LayerStep:
     def _tau(self, layer: torch.Tensor, fixed: torch.Tensor, params: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token tau for `layer`, and whether it may be acted on (not warming up)."""
-        q1, q3 = self.quantiles.quartiles(layer)
-        adaptive = adaptive_tau(q1.float(), q3.float(), params[:, COL["iqr_k"]],
+        quartiles = self.quantiles.step_quartiles[layer]  # as of the step's start
+        adaptive = adaptive_tau(quartiles[:, 0], quartiles[:, 1], params[:, COL["iqr_k"]],
                                 params[:, COL["min_iqr"]], params[:, COL["tau_floor"]])
         warm = self.decode_steps > params[:, COL["warmup_steps"]]
         is_fixed = ~torch.isnan(fixed)

@@ -20,7 +20,7 @@ import torch
 
 from telltale_norm.batch import REPLAY, StepBuffers, StepPlan, plan_step
 from telltale_norm.config import ConfigError, TelltaleConfig, check_request
-from telltale_norm.layer import STEP_COUNTERS, LayerStep
+from telltale_norm.layer import ACTING, STEP_COUNTERS, LayerStep
 from telltale_norm.methods.loop import LOOP_COUNTERS, Agree, LoopLayer, Rerun
 from telltale_norm.methods.rerank import candidate_scores
 from telltale_norm.methods.ttts_banks import Banks
@@ -52,6 +52,8 @@ class TelltaleRuntime:
         self.patched_layers = config.patched_layers(num_layers)
         self.states = RequestStates(num_layers, max_num_seqs, self.device)
         self.quantiles = StreamingQuantiles(num_layers, self.device)
+        self._patched_rows = torch.tensor(self.patched_layers, dtype=torch.int64,
+                                          device=self.device)
         step_counters, loop_counters = (
             torch.zeros(len(names), num_layers, dtype=torch.float64, device=self.device)
             for names in (STEP_COUNTERS, LOOP_COUNTERS))
@@ -177,6 +179,8 @@ class TelltaleRuntime:
         if self.config.loop_possible:
             self.traces.loop_action.zero_()  # no stale re-run bits in this step's traces
         states.sync()
+        if plan.methods & ACTING or plan.recorded:  # else no token of the step reads tau
+            self.quantiles.refresh_quartiles(self._patched_rows)
         self.buffers.write(plan)
         self._decode_steps.fill_(self.decode_steps)
         self._plan = plan

@@ -33,7 +33,10 @@ class StreamingQuantiles:
         self.width = (_LOG_HI - _LOG_LO) / bins
         self.counts = torch.zeros(num_layers, bins, dtype=torch.float64, device=device)
         self.sum = torch.zeros(num_layers, dtype=torch.float64, device=device)
-        # made once: a tensor built from host data on every layer would copy to the device
+        # Q1 and Q3 per layer as of the current step's start (`refresh_quartiles`): what the
+        # layer steps read
+        self.step_quartiles = torch.full((num_layers, 2), math.nan, device=device)
+        # made once: a tensor built from host data on every step would copy to the device
         self._quartile_q = torch.tensor([0.25, 0.75], dtype=torch.float64, device=device)
 
     @property
@@ -56,42 +59,51 @@ class StreamingQuantiles:
                                accumulate=True)
         self.sum.index_put_((row.view(1),), v.dot(w).unsqueeze(0), accumulate=True)
 
-    def quartiles(self, layer: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q1 and Q3 of the layer's values (device scalars, NaN while empty)."""
+    def refresh_quartiles(self, layers: torch.Tensor) -> None:
+        """Store Q1 and Q3 of `layers` (int64, on the device) in `step_quartiles`, once per
+        step before its forward: a step's thresholds come from the values seen before it,
+        and the histograms are searched once per step instead of once per layer."""
+        self.step_quartiles.index_put_(
+            (layers,), self._quantiles(self.counts[layers], self._quartile_q).float())
+
+    def quartiles(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q1 and Q3 of the layer's values now (device scalars, NaN while empty)."""
         q1, q3 = self.quantiles(layer, self._quartile_q)
         return q1, q3
 
     def reset(self) -> None:
         self.counts.zero_()
         self.sum.zero_()
+        self.step_quartiles.fill_(math.nan)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.counts, self.sum))
+        return sum(t.numel() * t.element_size()
+                   for t in (self.counts, self.sum, self.step_quartiles))
 
-    def quantiles(self, layer: int | torch.Tensor, qs: torch.Tensor | list[float]
-                  ) -> torch.Tensor:
+    def quantiles(self, layer: int, qs: torch.Tensor | list[float]) -> torch.Tensor:
         """Estimates of the `qs` quantiles (numpy's 'linear' definition) of layer's values.
 
         The k-th smallest value is placed inside its bin by its rank among the bin's values;
         the estimate interpolates between ranks floor(q(n-1)) and ceil(q(n-1)). NaN if empty.
         """
         q = torch.as_tensor(qs, dtype=torch.float64, device=self.counts.device)
-        counts = self.counts[layer].reshape(self.bins)  # (an int or a [1] tensor)
-        cum = counts.cumsum(0)
-        n = cum[-1]
+        return self._quantiles(self.counts[layer].view(1, self.bins), q)[0]
+
+    def _quantiles(self, counts: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """`[rows, len(q)]` quantiles of the histograms `counts` `[rows, bins]`."""
+        cum = counts.cumsum(1)
+        n = cum[:, -1:]
         rank = q * (n - 1).clamp_min(0)
         frac = rank - rank.floor()
-        # both neighbouring ranks in one search
-        lo, hi = self._value_of_rank(cum, counts, torch.stack([rank.floor(), rank.ceil()]))
+        # both neighbouring ranks of every row in one search
+        ranks = torch.cat([rank.floor(), rank.ceil()], 1)
+        b = torch.searchsorted(cum, ranks, right=True).clamp_(max=self.bins - 1)
+        before = torch.where(b > 0, cum.gather(1, (b - 1).clamp_min(0)), 0.0)
+        within = (ranks - before + 0.5) / counts.gather(1, b).clamp_min(1)
+        value = torch.exp(_LOG_LO + (b.double() + within.clamp(0, 1)) * self.width)
+        lo, hi = value.split(len(q), 1)
         est = lo * (1 - frac) + hi * frac
-        return torch.where(n > 0, est, torch.full_like(est, float("nan")))
-
-    def _value_of_rank(self, cum: torch.Tensor, counts: torch.Tensor,
-                       rank: torch.Tensor) -> torch.Tensor:
-        b = torch.searchsorted(cum, rank, right=True).clamp_(max=self.bins - 1)
-        before = torch.where(b > 0, cum[(b - 1).clamp_min(0)], torch.zeros_like(rank))
-        within = (rank - before + 0.5) / counts[b].clamp_min(1)
-        return torch.exp(_LOG_LO + (b.double() + within.clamp(0, 1)) * self.width)
+        return torch.where(n > 0, est, math.nan)
 
     def mean(self, layer: int) -> float:
         total = float(self.counts[layer].sum())
