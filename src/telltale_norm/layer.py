@@ -37,6 +37,12 @@ SUPPRESS, LOOP, TTTS = METHOD_ID["suppress"], METHOD_ID["loop"], METHOD_ID["ttts
 EVERY_METHOD = frozenset(METHOD_ID.values())
 ACTING = frozenset({SUPPRESS, LOOP, TTTS})  # the methods that need tau
 
+
+def reads_tau(methods: frozenset[int], recorded: bool) -> bool:
+    """Whether a step of this mix reads tau: some token acts, or is recorded with its tau."""
+    return recorded or bool(methods & ACTING)
+
+
 # Per-layer counters of this step, kept on the device and read only for statistics (loop's
 # own are in methods/loop.py: its Python writes them, never the compiled graph).
 STEP_COUNTERS = (
@@ -102,7 +108,7 @@ class LayerStep:
         norms = token_norms(hidden, residual)
         self.quantiles.update(layer, norms, observe)
         counts = {"tokens": observe.sum()}
-        if not recorded and not methods & ACTING:
+        if not reads_tau(methods, recorded):
             self._count(layer, counts)
             return hidden, torch.stack([norms, torch.full_like(norms, math.nan)], 1)
         tau, ready = self._tau(layer, tables["tau"][slot, layer], params)
