@@ -164,7 +164,7 @@ def write_report(result: dict, path: Path, plot_path: Path) -> None:
         "before; loop runs there only).", "",
         "## The plugin's own time per decode step", "",
         "Begin of step + every patched layer + end of step, on random states of the model's "
-        "shape (ms, lower quartile of 60 steps, configurations taking turns), and the time "
+        "shape (ms, lower quartile of 60 steps, configurations taking turns in a random order), and the time "
         "per step relative to plugin-off's measured step (" + ", ".join(
             f"batch {b}: {step_ms[b]:.0f} ms" for b in batches) + "): `graph` traced with "
         "torch.compile (plus loop's Python where loop runs), `op` eager.", "",

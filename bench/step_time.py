@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import statistics
 import time
 from pathlib import Path
@@ -42,6 +43,14 @@ VLLM_CPU_INDUCTOR = {"dce": True, "size_asserts": False, "nan_asserts": False,
                      "epilogue_fusion": True, "cpp.dynamic_threads": True}
 
 
+def vllm_compile_options() -> dict:
+    """vLLM's inductor options, and no guards: vLLM's compiled model skips dynamo's guards
+    (vllm/compilation/wrapper.py), so a call does not check every buffer the step reads."""
+    import torch
+
+    return {**VLLM_CPU_INDUCTOR, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+
+
 def request_args(config: dict, taus: dict[int, float]) -> dict:
     args = {k: v for k, v in config.items() if k != "tau"}
     if config.get("tau") == "huge":
@@ -55,7 +64,9 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60,
                       configs: dict | None = None) -> dict:
     """ms per decode step (begin_step + every patched layer + end_step), per path,
     configuration and batch: the lower quartile of `steps` steps, configurations taking turns
-    step by step (this shared machine's noise only ever adds time, in bursts)."""
+    step by step in a new random order each round (this shared machine's noise only ever
+    adds time, in bursts; a fixed order made the first configuration pay for the caches the
+    one before it left cold)."""
     import numpy as np
     import torch
 
@@ -90,8 +101,9 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60,
         def traced(inputs, runtime=runtime):
             return [runtime.layer_step(layer, h, r) for layer, (h, r) in zip(layers, inputs)]
 
+        torch._dynamo.reset()  # without guards, the last batch's graph would be reused
         compiled = torch.compile(traced, fullgraph=True, dynamic=False,
-                                 options=VLLM_CPU_INDUCTOR)
+                                 options=vllm_compile_options())
         times = {(path, name): [] for path in out for name in configs}
 
         def step(path: str, name: str, index: int) -> float:
@@ -109,8 +121,11 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60,
             runtime.end_step()
             return time.perf_counter() - start
 
+        order = list(times)
+        turns = random.Random(b)
         for index in range(steps + steps // 4):
-            for path, name in times:
+            turns.shuffle(order)  # no configuration always follows the same one
+            for path, name in order:
                 spent = step(path, name, index)
                 if index >= steps // 4:  # after a warm-up (compilation, first buffers)
                     times[path, name].append(spent)

@@ -102,8 +102,8 @@ def test_layer_steps_make_no_host_sync_and_build_nothing_from_host_data(method, 
     allowed = {"aten._local_scalar_dense.default"} if method == "loop" else set()
     for step, layer, counts in per_layer:
         assert set(counts) <= allowed, (step, layer, counts)
-        if method == "loop":  # one `bool(active.any())` per extra pass, at most 2 passes
-            assert counts.get("aten._local_scalar_dense.default", 0) <= 2
+        if method == "loop":  # whether a token enters, then one per extra pass (at most 2)
+            assert counts.get("aten._local_scalar_dense.default", 0) <= 3
     if method == "loop":
         assert int(rt.counters["reruns"].sum()) > 0  # the budget was exercised
     if method == "ttts":

@@ -160,6 +160,30 @@ def test_adaptive_tau_waits_for_warmup():
     assert rt.default_tau(1) is not None
 
 
+def test_quartiles_are_searched_only_for_steps_that_read_the_adaptive_tau():
+    """A step whose acting tokens all have a fixed tau leaves the per-step quartiles as they
+    were; a step with an adaptive one searches them first (from the steps before it)."""
+    rt = make_runtime()
+    q = rt.quantiles
+
+    def step(reqs, scale):
+        rt.begin_step([r for r, _ in reqs], np.ones(len(reqs)), np.array([p for _, p in reqs]),
+                      np.full(len(reqs), 5), lambda rid: (TAU0 if rid == "fixed" else None,
+                                                          None, 0))
+        rt.on_layer(1, torch.full((len(reqs), H), scale), torch.zeros(len(reqs), H))
+        rt.end_step()
+
+    for i in range(3):  # fixed tau only: the histogram fills, the quartiles are not searched
+        step([("fixed", 5 + i)], 1.0 + i)
+    assert float(q.total[1]) == 3 and torch.isnan(q.step_quartiles).all()
+    before = q.quantiles(1, [0.25, 0.75]).float()
+    step([("fixed", 8), ("adaptive", 5)], 10.0)
+    assert torch.equal(q.step_quartiles[1], before)
+    step([("fixed", 9)], 20.0)  # the histogram moves on, the quartiles stay
+    assert float(q.total[1]) == 6 and torch.equal(q.step_quartiles[1], before)
+    assert not torch.equal(q.quantiles(1, [0.25, 0.75]).float(), before)
+
+
 def test_release_frees_state_and_unknown_ids_are_ignored():
     rt = make_runtime(capacity=100)
     run_step(rt, [(f"r{i}", 1, 7, 5) for i in range(100)])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from telltale_norm.requests import METHOD_ID, OFF, RequestStates
+from telltale_norm.requests import ACTING, METHOD_ID, OFF, RequestStates
 
 # Bits of a token's flags.
 DECODE = 1  # a newly decoded output token: observed, counted, edited
@@ -34,6 +34,7 @@ class StepPlan:
     ttts_rows: np.ndarray  # int64: indices of the decode tokens of ttts requests
     methods: frozenset[int]  # the methods of its decode and replay tokens (OFF left out)
     recorded: bool  # some decode token is traced (its record is copied to the host)
+    adaptive: bool  # some token that reads tau (acts, or is recorded) reads the adaptive one
 
     @property
     def flags(self) -> np.ndarray:
@@ -63,9 +64,13 @@ def plan_step(states: RequestStates, slots: np.ndarray, num_scheduled: np.ndarra
     method = states.method[token_slot]
     ttts_rows = np.flatnonzero(decode & (method == TTTS))
     methods = frozenset(method[decode | replay].tolist()) - {OFF}
-    recorded = bool((decode & states.traced[token_slot]).any())
+    traced = decode & states.traced[token_slot]
+    # a request's tau is NaN on the layers where it is adaptive
+    reads = token_slot[((decode | replay) & np.isin(method, tuple(ACTING))) | traced]
+    adaptive = bool((states.layers[reads] & np.isnan(states.tau[reads])).any())
     return StepPlan(num_tokens, token_slot, position, decode, replay,
-                    position - states.prompt_len[token_slot], ttts_rows, methods, recorded)
+                    position - states.prompt_len[token_slot], ttts_rows, methods,
+                    bool(traced.any()), adaptive)
 
 
 def _packed_row(index: int) -> property:
@@ -79,8 +84,8 @@ class StepBuffers:
 
     Rows past a step's tokens (the padding of a CUDA-graph batch) always hold the null slot
     and no flags, so the per-layer step may process every row of its input. `ttts_rows`
-    lists the ttts decode tokens first (their count is at most the number of slots); the
-    rest point at token 0 with `ttts_valid` false.
+    lists the ttts decode tokens first (their count is at most the number of slots) and
+    `ttts_slot` their slots; the rest point at token 0 and the null slot.
 
     `methods` and `recorded` repeat the step's mix on the host. Only an eager step reads
     them, to skip the work of methods no token uses; a traced or captured step ignores them
@@ -89,19 +94,17 @@ class StepBuffers:
 
     def __init__(self, max_tokens: int, null_slot: int, device: torch.device) -> None:
         self.max_tokens = max_tokens
-        self._null = np.array([null_slot, 0, 0, 0], dtype=np.int64)[:, None]
+        self._null = np.array([null_slot, 0, 0, 0, null_slot], dtype=np.int64)[:, None]
         self._host = np.repeat(self._null, max_tokens, axis=1)
         self._packed = torch.from_numpy(self._host).to(device)
-        self.ttts_valid = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         # False outside a step: vLLM's warm-up and dummy runs pass through the layer steps
         # too, and must not act on the last step's requests
         self.live = torch.zeros(1, dtype=torch.bool, device=device)
-        self._valid_host = np.zeros(max_tokens, dtype=bool)
         self._written = 0  # rows the last step wrote (reset to null by the next write)
         self.methods: frozenset[int] = frozenset()
         self.recorded = False
 
-    token_slot, position, flags, ttts_rows = (_packed_row(i) for i in range(4))
+    token_slot, position, flags, ttts_rows, ttts_slot = (_packed_row(i) for i in range(5))
 
     def write(self, plan: StepPlan) -> None:
         t = plan.num_tokens
@@ -112,11 +115,9 @@ class StepBuffers:
         host[:, :self._written] = self._null
         host[0, :t], host[1, :t], host[2, :t] = plan.token_slot, plan.position, plan.flags
         host[3, :len(plan.ttts_rows)] = plan.ttts_rows
-        self._valid_host[:self._written] = False
-        self._valid_host[:len(plan.ttts_rows)] = True
+        host[4, :len(plan.ttts_rows)] = plan.token_slot[plan.ttts_rows]
         n = max(t, self._written)
         self._packed[:, :n].copy_(torch.from_numpy(host[:, :n]), non_blocking=True)
-        self.ttts_valid[:n].copy_(torch.from_numpy(self._valid_host[:n]), non_blocking=True)
         self.live.fill_(True)
         self._written = t
         self.methods, self.recorded = plan.methods, plan.recorded
@@ -127,5 +128,4 @@ class StepBuffers:
         self.methods, self.recorded = frozenset(), False
 
     def nbytes(self) -> int:
-        return (self._packed.numel() * self._packed.element_size()
-                + self.ttts_valid.numel() + self.live.numel())
+        return self._packed.numel() * self._packed.element_size() + self.live.numel()

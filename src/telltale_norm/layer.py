@@ -9,7 +9,7 @@ inside a CUDA graph. Traced or captured, it does the work of every method; run e
 skips the work of methods no token of the step uses (the step's mix is known on the host
 before the forward). Only loop's re-runs need Python and a host synchronisation:
 `methods.loop.LoopLayer` runs them after this step, from the `gate` it returns (each
-token's norm and, for the tokens loop may act on, its tau).
+token's norm and, for the tokens that enter loop's window, its tau).
 
 Traced, every patched layer runs the same code on the same buffers: what tells layers apart
 is a small device tensor per layer (its *key*: the layer index and its column in the banks
@@ -29,18 +29,13 @@ from telltale_norm.batch import DECODE, REPLAY, StepBuffers
 from telltale_norm.methods.suppress import suppress_layer
 from telltale_norm.methods.ttts_banks import Banks, ttts_layer
 from telltale_norm.norms import token_norms
-from telltale_norm.requests import COL, METHOD_ID, RequestStates
+from telltale_norm.requests import ACTING, COL, METHOD_ID, RequestStates
 from telltale_norm.thresholds import StreamingQuantiles, adaptive_tau
+from telltale_norm.traced import stack_columns
 from telltale_norm.traces import ACTION_INJECT, ACTION_SUPPRESS, TraceRecorder
 
 SUPPRESS, LOOP, TTTS = METHOD_ID["suppress"], METHOD_ID["loop"], METHOD_ID["ttts"]
 EVERY_METHOD = frozenset(METHOD_ID.values())
-ACTING = frozenset({SUPPRESS, LOOP, TTTS})  # the methods that need tau
-
-
-def reads_tau(methods: frozenset[int], recorded: bool) -> bool:
-    """Whether a step of this mix reads tau: some token acts, or is recorded with its tau."""
-    return recorded or bool(methods & ACTING)
 
 
 # Per-layer counters of this step, kept on the device and read only for statistics (loop's
@@ -81,8 +76,8 @@ class LayerStep:
     def __call__(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The layer's new `(hidden, residual)` for the current step (inputs untouched),
-        and loop's `gate` `[tokens, 2]`: each token's norm, and its tau where loop may act
-        on it (NaN elsewhere)."""
+        and loop's `gate` `[tokens, 2]`: each token's norm, and its tau where it enters
+        loop's window (NaN elsewhere: loop's Python then only checks that none does)."""
         key = self.keys[layer]
         if _graph_building(hidden):  # replayed for every later mix: do every method's work
             hidden, gate = self._traced(hidden, residual, key)
@@ -108,19 +103,22 @@ class LayerStep:
         norms = token_norms(hidden, residual)
         self.quantiles.update(layer, norms, observe)
         counts = {"tokens": observe.sum()}
-        if not reads_tau(methods, recorded):
+        if not (recorded or methods & ACTING):  # no token acts or is recorded with tau
             self._count(layer, counts)
-            return hidden, torch.stack([norms, torch.full_like(norms, math.nan)], 1)
+            return hidden, stack_columns([norms, torch.full_like(norms, math.nan)])
         tau, ready = self._tau(layer, tables["tau"][slot, layer], params)
         edit = in_layer & ready & (decode | replay)
-        gate = torch.stack([norms, torch.where(edit & (method == LOOP), tau, math.nan)], 1)
+        enters_loop = (edit & (method == LOOP) & (norms > tau)
+                       & (norms < params[:, COL["loop_blowup"]] * tau)
+                       & (params[:, COL["loop_max_extra"]] >= 1))
+        gate = stack_columns([norms, torch.where(enters_loop, tau, math.nan)])
         action = torch.zeros_like(norms)
         if methods & {SUPPRESS, TTTS}:  # one draw per token, from its method's stream
             draws = rng.draw(tables["rng_key"][slot, layer], step.position[:t])
         if TTTS in methods:
-            rows = step.ttts_rows[:min(t, self.states.capacity)]  # one decode token per slot
-            out = ttts_layer(self.banks, column, hidden, residual, norms, tau, rows,
-                             step.ttts_valid[:len(rows)] & (in_layer & ready)[rows], slot,
+            r = min(t, self.states.capacity)  # one decode token per slot
+            out = ttts_layer(self.banks, column, hidden, residual, norms, tau,
+                             step.ttts_rows[:r], step.ttts_slot[:r], in_layer & ready, slot,
                              step.position[:t], draws, params,
                              replay & in_layer & (method == TTTS))
             hidden = out.hidden
@@ -137,7 +135,7 @@ class LayerStep:
         if recorded:
             self.recorder.record.index_put_(
                 (torch.arange(t, device=hidden.device), column.expand(t)),
-                torch.stack([norms, torch.where(in_layer, tau, math.nan), action], 1))
+                stack_columns([norms, torch.where(in_layer, tau, math.nan), action]))
         self._count(layer, counts)
         return hidden, gate
 
@@ -158,15 +156,15 @@ class LayerStep:
         they are the first counters, added in one scatter."""
         if "max_low_streak" not in counts:
             rows = self._counter_rows[:len(counts)]
-            self.counters.index_put_((rows, layer.expand_as(rows)), torch.stack(
+            self.counters.index_put_((rows, layer.expand_as(rows)), stack_columns(
                 [counts[name].double() for name in STEP_COUNTERS[:len(counts)]]),
                 accumulate=True)
             return
         rows = self._counter_rows
         where = (rows, layer.expand_as(rows))
         old = self.counters[where]
-        step = torch.stack([counts[name].double() if name in counts else old.new_zeros(())
-                            for name in STEP_COUNTERS])
+        step = stack_columns([counts[name].double() if name in counts else old.new_zeros(())
+                              for name in STEP_COUNTERS])
         self.counters.index_put_(where, torch.where(self._is_max, torch.maximum(old, step),
                                                     old + step))
 

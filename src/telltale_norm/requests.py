@@ -33,6 +33,7 @@ PARAM_COLUMNS = (
 COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}
 METHOD_ID = {name: i for i, name in enumerate(METHODS)}
 OFF = METHOD_ID["off"]
+ACTING = frozenset(METHOD_ID[m] for m in ("suppress", "loop", "ttts"))  # act on tau
 
 
 @dataclass(frozen=True)

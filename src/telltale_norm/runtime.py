@@ -20,7 +20,7 @@ import torch
 
 from telltale_norm.batch import REPLAY, StepBuffers, StepPlan, plan_step
 from telltale_norm.config import ConfigError, TelltaleConfig, check_request
-from telltale_norm.layer import STEP_COUNTERS, LayerStep, reads_tau
+from telltale_norm.layer import STEP_COUNTERS, LayerStep
 from telltale_norm.methods.loop import LOOP_COUNTERS, Agree, LoopLayer, Rerun
 from telltale_norm.methods.rerank import candidate_scores
 from telltale_norm.methods.ttts_banks import Banks
@@ -179,7 +179,7 @@ class TelltaleRuntime:
         if self.config.loop_possible:
             self.traces.loop_action.zero_()  # no stale re-run bits in this step's traces
         states.sync()
-        if reads_tau(plan.methods, plan.recorded):  # else no token of the step reads them
+        if plan.adaptive:  # else no token of the step reads the quartiles
             self.quantiles.refresh_quartiles(self._patched_rows)
         self.buffers.write(plan)
         self._decode_steps.fill_(self.decode_steps)

@@ -120,7 +120,8 @@ LOOP_COUNTERS = (
 
 class LoopLayer:
     """Loop's part of a layer, after the graph-safe step (`layer.LayerStep`): reads the
-    step's `gate` (norms, and tau where loop may act) and re-runs the layer in place."""
+    step's `gate` (norms, and tau where a token enters loop's window) and re-runs the layer
+    in place."""
 
     def __init__(self, slot_params: torch.Tensor, token_slot: torch.Tensor,
                  replay: Callable[[int], torch.Tensor], counters: torch.Tensor,
@@ -136,11 +137,14 @@ class LoopLayer:
         """Re-run `layer` for its active tokens, editing `hidden`/`residual` in place."""
         if not self.limit:  # no loop request in this step: no synchronisation either
             return
-        t = hidden.shape[0]
         norms, tau = gate[:, 0], gate[:, 1]
+        enters = self.agree(~torch.isnan(tau))
+        if not bool(enters.any()):  # the common case: one synchronisation, nothing to run
+            return
+        t = hidden.shape[0]
         params = self.slot_params[self.token_slot[:t]]
         result = loop_step(
-            hidden, residual, norms, torch.nan_to_num(tau, nan=math.inf), ~torch.isnan(tau),
+            hidden, residual, norms, torch.nan_to_num(tau, nan=math.inf), enters,
             max_extra=params[:, COL["loop_max_extra"]].long(),
             growth_eps=params[:, COL["loop_growth_eps"]],
             blowup=params[:, COL["loop_blowup"]], alpha=params[:, COL["loop_alpha"]],

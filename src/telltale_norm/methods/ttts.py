@@ -79,40 +79,63 @@ class TttsOutcome:
         return BankState(bank, self.bank_norm, self.low_streak, self.cooldown)
 
 
+@dataclass(frozen=True)
+class BankInsert:
+    """Where a step's states enter the banks: an entry is replaced by x when x's norm is
+    above tau and above the lowest norm in the bank (empty entries are -inf)."""
+
+    bank_norm: torch.Tensor  # [R, K] after the insert
+    hit: torch.Tensor  # [R, K] bool: the entry that takes x
+    at: torch.Tensor  # [R] that entry, or -1
+
+
+def bank_insert(norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
+                bank_norm: torch.Tensor, bank_k: torch.Tensor) -> BankInsert:
+    """The insert of one step (`norms`, `tau`, `eligible`, `bank_k`: `[R]`; `bank_norm`
+    `[R, K]`): the lowest-norm entry in use is replaced if x's norm is higher."""
+    entries = torch.arange(bank_norm.shape[1], device=norms.device)
+    in_use = entries < bank_k.unsqueeze(1)  # [R, K]
+    lowest, where = bank_norm.masked_fill(~in_use, torch.inf).min(dim=1)
+    insert = eligible & (norms > tau) & (norms > lowest)
+    hit = insert.unsqueeze(1) & (entries == where.unsqueeze(1))
+    return BankInsert(torch.where(hit, norms.unsqueeze(1), bank_norm), hit,
+                      torch.where(insert, where, -1))
+
+
 def ttts_step(x: torch.Tensor, residual: torch.Tensor, norms: torch.Tensor,
               tau: torch.Tensor, eligible: torch.Tensor, draws: torch.Tensor,
-              state: BankState, s: TttsSettings) -> TttsOutcome:
+              state: BankState, s: TttsSettings, insert: BankInsert | None = None
+              ) -> TttsOutcome:
     """One step of ERSS for R requests (`x`, `residual`: `[R, H]` float32; rest `[R]`).
 
     Rows that are not `eligible` keep their state and get no injection. `norms` are the
     norms of `x`. Every rule is one or two tensor operations over all rows.
+
+    The entry an insert takes is never read (x stands for it), so `state.bank` may be the
+    bank before or after this step's `insert` (`bank_insert`, computed here when not given):
+    the per-layer step writes x first, so that a compiled step reads the bank where it lies.
     """
     k = state.bank_norm.shape[1]
-    entries = torch.arange(k, device=x.device)
-    in_use = entries < s.bank_k.unsqueeze(1)  # [R, K]
-
-    # Bank insert: replace the lowest-norm entry (empty ones are -inf) if x is higher.
-    lowest, where = state.bank_norm.masked_fill(~in_use, torch.inf).min(dim=1)
-    insert = eligible & (norms > tau) & (norms > lowest)
-    hit = insert.unsqueeze(1) & (entries == where.unsqueeze(1))  # [R, K]
+    in_use = torch.arange(k, device=x.device) < s.bank_k.unsqueeze(1)  # [R, K]
+    if insert is None:
+        insert = bank_insert(norms, tau, eligible, state.bank_norm, s.bank_k)
     n = norms.unsqueeze(1)  # [R, 1]
-    bank_norm = torch.where(hit, n, state.bank_norm)  # unchanged where not eligible
 
     low_streak = torch.where(norms < s.gamma * tau, state.low_streak + 1, 0)
     cooldown = (state.cooldown - 1).clamp_min(0)
     trigger = eligible & (low_streak >= s.low_k) & (cooldown == 0) & (draws < s.p_inject)
 
-    usable = in_use & torch.isfinite(bank_norm)
-    best_cos, chosen = _nearest(x, n, state.bank.float(), bank_norm, usable, hit)
+    usable = in_use & torch.isfinite(insert.bank_norm)
+    best_cos, chosen = _nearest(x, n, state.bank, insert.bank_norm, usable, insert.hit)
     injected = trigger & (best_cos >= s.cos_min)
     delta = torch.where(injected.unsqueeze(1), s.beta.unsqueeze(1) * (chosen - residual), 0.0)
     low_streak = torch.where(injected, 0, low_streak)
     cooldown = torch.where(injected, s.cooldown.to(cooldown.dtype), cooldown)
     return TttsOutcome(
-        bank_norm=bank_norm,
+        bank_norm=insert.bank_norm,
         low_streak=torch.where(eligible, low_streak, state.low_streak),
         cooldown=torch.where(eligible, cooldown, state.cooldown),
-        inserted_at=torch.where(insert, where, -1),
+        inserted_at=insert.at,
         delta=delta, injected=injected, no_match=trigger & ~injected)
 
 
@@ -122,11 +145,13 @@ def _nearest(x: torch.Tensor, n: torch.Tensor, bank: torch.Tensor, bank_norm: to
     step's insert (`hit`: the entry that became x), and that entry (of the highest norm
     among equals). An entry's norm is its bank norm, the norm of the state when it was
     banked."""
-    dots = torch.bmm(x.unsqueeze(1), bank.transpose(1, 2)).squeeze(1)  # [R, K]
+    # a product and a sum, not a batched matmul: traced, the compiler then reads the bank
+    # where it lies instead of first gathering every row's bank into a copy
+    dots = (bank * x.unsqueeze(1)).sum(2)  # [R, K]
     dots = torch.where(hit, n.square(), dots)
     cos = (dots / (bank_norm * n).clamp_min(1e-8)).masked_fill(~usable, -torch.inf)
     best_cos = cos.amax(dim=1)
     # ties (parallel states) go to the entry of highest norm
     best = torch.where(cos == best_cos.unsqueeze(1), bank_norm, -torch.inf).argmax(dim=1)
-    chosen = bank.gather(1, best.view(-1, 1, 1).expand(-1, 1, x.shape[1])).squeeze(1)
+    chosen = bank[torch.arange(len(x), device=x.device), best].float()
     return best_cos, torch.where(hit.gather(1, best.unsqueeze(1)), x, chosen)

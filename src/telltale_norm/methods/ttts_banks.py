@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from telltale_norm.norms import residual_stream, shifted_residual_stream
-from telltale_norm.methods.ttts import BankState, TttsOutcome, TttsSettings, ttts_step
+from telltale_norm.methods.ttts import (BankInsert, BankState, TttsOutcome, TttsSettings,
+                                        bank_insert, ttts_step)
 from telltale_norm.requests import RequestStates
+from telltale_norm.traced import stack_columns
 
 
 class Banks:
@@ -62,14 +64,24 @@ class Banks:
         return BankState(self.bank[at][:, :self.k], self.bank_norm[at],
                          streaks[:, 0], streaks[:, 1])
 
-    def write(self, slots: torch.Tensor, column: torch.Tensor, out: TttsOutcome,
-              x: torch.Tensor) -> None:
+    def insert(self, slots: torch.Tensor, column: torch.Tensor, x: torch.Tensor,
+               norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
+               bank_k: torch.Tensor) -> BankInsert:
+        """Write the states `x` into the entries they take (`bank_insert`) before the bank
+        is read: traced, reads of a buffer still pending when it is written are first
+        copied out, and a read after the write reads the bank where it lies."""
         slots, column = self._at(slots, column)
-        at = torch.where(out.inserted_at >= 0, out.inserted_at, self.k)  # or the spare entry
+        insert = bank_insert(norms, tau, eligible, self.bank_norm[slots, column], bank_k)
+        at = torch.where(insert.at >= 0, insert.at, self.k)  # or the spare entry
         self.bank.index_put_((slots, column, at), x.to(self.bank.dtype))
+        return insert
+
+    def write(self, slots: torch.Tensor, column: torch.Tensor, out: TttsOutcome) -> None:
+        """Write the norms, streaks and cooldowns of the step's outcome."""
+        slots, column = self._at(slots, column)
         self.bank_norm.index_put_((slots, column), out.bank_norm)
-        self.streaks.index_put_((slots, column), torch.stack(
-            [out.low_streak, out.cooldown.to(out.low_streak.dtype)], 1).float())
+        self.streaks.index_put_((slots, column), stack_columns(
+            [out.low_streak.float(), out.cooldown.float()]))
 
     def log(self, slots: torch.Tensor, position: torch.Tensor, column: torch.Tensor,
             injected: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -120,20 +132,25 @@ class TttsLayerResult:
 
 def ttts_layer(banks: Banks, column: torch.Tensor, h: torch.Tensor,
                r: torch.Tensor | None, norms: torch.Tensor, tau: torch.Tensor,
-               rows: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
-               position: torch.Tensor, draws: torch.Tensor, params: torch.Tensor,
-               replay: torch.Tensor) -> TttsLayerResult:
+               rows: torch.Tensor, slots: torch.Tensor, acting: torch.Tensor,
+               slot: torch.Tensor, position: torch.Tensor, draws: torch.Tensor,
+               params: torch.Tensor, replay: torch.Tensor) -> TttsLayerResult:
     """ERSS on one layer for a step (its bank `column`, a [1] device tensor): `rows` index
-    the step's ttts decode tokens (`valid` where a row is one that may act); `slot`,
-    `position`, `draws` (uniforms of `rng.STREAM_TTTS`) and `params` are per token of the
-    step; `replay` marks the recomputed output tokens of ttts requests."""
+    the step's ttts decode tokens and `slots` are theirs (the null slot for padding rows);
+    `acting`, `slot`, `position`, `draws` (uniforms of `rng.STREAM_TTTS`) and `params` are
+    per token of the step; `replay` marks the recomputed output tokens of ttts requests.
+    Rows that may not act keep their state: every write leaves it as it was."""
     t = h.shape[0]
-    slots = torch.where(valid, slot[rows], banks.states.null_slot)  # padding: null slot
+    # slots as the host wrote them, not masked on the device: traced, a read of the bank
+    # indexed by them is then cheap enough to stay in place
+    valid = (slots != banks.states.null_slot) & acting[rows]
     res = None if r is None else r[rows].float()
     x = residual_stream(h[rows], res)
-    out = ttts_step(x, torch.zeros_like(x) if res is None else res, norms[rows], tau[rows],
-                    valid, draws[rows], banks.read(slots, column),
-                    TttsSettings.from_params(params[rows]))
+    settings = TttsSettings.from_params(params[rows])
+    norms, tau = norms[rows], tau[rows]
+    insert = banks.insert(slots, column, x, norms, tau, valid, settings.bank_k)
+    out = ttts_step(x, torch.zeros_like(x) if res is None else res, norms, tau, valid,
+                    draws[rows], banks.read(slots, column), settings, insert)
     # x + delta, written back as hidden rows (rows that inject nothing keep their bits)
     delta = torch.zeros(t, h.shape[1], dtype=torch.float32, device=h.device)
     delta = delta.index_add(0, rows, out.delta)
@@ -143,9 +160,9 @@ def ttts_layer(banks: Banks, column: torch.Tensor, h: torch.Tensor,
     unlogged = banks.log(slots, position[rows], column, out.injected, hidden[rows])
     logged, found = banks.logged_rows(slot, position, column)
     found = found & replay
-    # Last: traced, the compiler moves each read next to its first use, and the bank is
+    # Last: traced, the compiler moves each read next to its first use, and a buffer is
     # written in place only if no read of it lands after this write.
-    banks.write(slots, column, out, x)
+    banks.write(slots, column, out)
     return TttsLayerResult(
         hidden=torch.where(found.unsqueeze(1), logged, hidden), injected=injected,
         injections=out.injected.sum(), no_match=out.no_match.sum(), unlogged=unlogged,
