@@ -4,8 +4,8 @@ vLLM compiles the model and traces it once, so Python inside a layer would run o
 trace. The graph-safe step of every method is traced into the graph (layers.py); loop's
 re-runs depend on data and need Python. A custom op stays opaque to the compiler: its Python
 body runs on every step, after the traced step, and re-runs the layer in place where the
-step's `gate` (norms, and tau where loop may act) says so. On CUDA the op is added to vLLM's
-splitting ops, so CUDA graphs are captured around it, not through it.
+step's `gate` (norms, and tau where a token enters loop's window) says so. On CUDA the op
+is added to vLLM's splitting ops, so CUDA graphs are captured around it, not through it.
 
 The op's inputs are the layer's output, its positions, its extra tensor arguments (e.g.
 DeepSeek's `llama_4_scaling`), so a re-run gets the very tensors the first pass got, and the
