@@ -85,6 +85,7 @@ class BankInsert:
     above tau and above the lowest norm in the bank (empty entries are -inf)."""
 
     bank_norm: torch.Tensor  # [R, K] after the insert
+    in_use: torch.Tensor  # [R, K] bool: the entries within the request's BANK_K
     hit: torch.Tensor  # [R, K] bool: the entry that takes x
     at: torch.Tensor  # [R] that entry, or -1
 
@@ -98,7 +99,7 @@ def bank_insert(norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
     lowest, where = bank_norm.masked_fill(~in_use, torch.inf).min(dim=1)
     insert = eligible & (norms > tau) & (norms > lowest)
     hit = insert.unsqueeze(1) & (entries == where.unsqueeze(1))
-    return BankInsert(torch.where(hit, norms.unsqueeze(1), bank_norm), hit,
+    return BankInsert(torch.where(hit, norms.unsqueeze(1), bank_norm), in_use, hit,
                       torch.where(insert, where, -1))
 
 
@@ -115,8 +116,6 @@ def ttts_step(x: torch.Tensor, residual: torch.Tensor, norms: torch.Tensor,
     bank before or after this step's `insert` (`bank_insert`, computed here when not given):
     the per-layer step writes x first, so that a compiled step reads the bank where it lies.
     """
-    k = state.bank_norm.shape[1]
-    in_use = torch.arange(k, device=x.device) < s.bank_k.unsqueeze(1)  # [R, K]
     if insert is None:
         insert = bank_insert(norms, tau, eligible, state.bank_norm, s.bank_k)
     n = norms.unsqueeze(1)  # [R, 1]
@@ -125,7 +124,7 @@ def ttts_step(x: torch.Tensor, residual: torch.Tensor, norms: torch.Tensor,
     cooldown = (state.cooldown - 1).clamp_min(0)
     trigger = eligible & (low_streak >= s.low_k) & (cooldown == 0) & (draws < s.p_inject)
 
-    usable = in_use & torch.isfinite(insert.bank_norm)
+    usable = insert.in_use & torch.isfinite(insert.bank_norm)
     best_cos, chosen = _nearest(x, n, state.bank, insert.bank_norm, usable, insert.hit)
     injected = trigger & (best_cos >= s.cos_min)
     delta = torch.where(injected.unsqueeze(1), s.beta.unsqueeze(1) * (chosen - residual), 0.0)
