@@ -167,7 +167,9 @@ def write_report(result: dict, path: Path, plot_path: Path) -> None:
         "shape (ms, lower quartile of 60 steps, configurations taking turns in a random order), and the time "
         "per step relative to plugin-off's measured step (" + ", ".join(
             f"batch {b}: {step_ms[b]:.0f} ms" for b in batches) + "): `graph` traced with "
-        "torch.compile (plus loop's Python where loop runs), `op` eager.", "",
+        "torch.compile (plus loop's Python where loop runs), net of entering a compiled graph "
+        "(" + ", ".join(f"{own['entry_ms'][b]:.2f} ms" for b in batches) + ": an engine's "
+        "compiled forward pays it with or without the plugin), `op` eager.", "",
         *_table("configuration", batches, {
             f"{name} ({path})": [f"{per[b]:.2f} ms ({1 + per[b] / step_ms[b]:.3f}x)"
                                  for b in batches]

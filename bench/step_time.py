@@ -66,7 +66,8 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60,
     configuration and batch: the lower quartile of `steps` steps, configurations taking turns
     step by step in a new random order each round (this shared machine's noise only ever
     adds time, in bursts; a fixed order made the first configuration pay for the caches the
-    one before it left cold)."""
+    one before it left cold). The graph path is net of entering a compiled graph
+    (`entry_ms`, which an engine pays per forward anyway)."""
     import numpy as np
     import torch
 
@@ -74,50 +75,70 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60,
     from telltale_norm.runtime import TelltaleRuntime
 
     configs = CONFIGS if configs is None else configs
+    dtype = torch.bfloat16  # the engines' (bench/overhead.py): banks of the model's dtype
 
     config = json.loads((Path(model) / "config.json").read_text())
     num_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     layers = list(default_layers(num_layers))
-    engine = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "TELLTALE_ALLOW_LOOP": "1",
-                                      "PATCHED_LAYERS": ",".join(map(str, layers))})
+    # the engines of bench/overhead.py: "graph" (loop not possible: no gate, no op) and
+    # "op" (TELLTALE_ALLOW_LOOP=1), which is also what a VLLM_PATCH=loop engine traces
+    engines = {loop: TelltaleConfig.from_env({
+        "VLLM_PATCH": "monitor", "TELLTALE_ALLOW_LOOP": "1" if loop else "0",
+        "PATCHED_LAYERS": ",".join(map(str, layers))}) for loop in (False, True)}
     gen = torch.Generator().manual_seed(0)
     # norms of these states are ~sqrt(2 * hidden) * 2 (~68 for SmolLM2): tau 60 acts on some
     taus = {layer: 2.0 * (2 * hidden) ** 0.5 * 0.88 for layer in layers}
-    out = {path: {name: {} for name in configs} for path in ("graph", "op")}
+    out: dict = {path: {name: {} for name in configs} for path in ("graph", "op")}
+    out["entry_ms"] = {}
 
     def rerun(h, r):  # a stand-in: the layer's own cost is the model's
         return h.clone(), r.clone()
 
     for b in batches:
         prompt = np.full(b, 16)
-        states = [(torch.randn(b, hidden, generator=gen) * 2,
-                   torch.randn(b, hidden, generator=gen) * 2) for _ in layers]
-        # one runtime for every configuration, so one compiled graph serves them all; static
-        # shapes (vLLM traces the batch dimension dynamically; here that compile did not
-        # finish in 20 minutes)
-        runtime = TelltaleRuntime(engine, num_layers, hidden, max_num_seqs=b * len(configs),
-                                  max_num_tokens=b, max_len=1024)
-
-        def traced(inputs, runtime=runtime):
-            return [runtime.layer_step(layer, h, r) for layer, (h, r) in zip(layers, inputs)]
-
+        states = [tuple((torch.randn(b, hidden, generator=gen) * 2).to(dtype)
+                        for _ in range(2)) for _ in layers]
+        # one runtime per engine for every configuration, so one compiled graph serves them
+        # all; static shapes (vLLM traces the batch dimension dynamically; here that compile
+        # did not finish in 20 minutes)
+        runtimes = {loop: TelltaleRuntime(engine, num_layers, hidden, dtype=dtype,
+                                          max_num_seqs=b * len(configs), max_num_tokens=b,
+                                          max_len=1024) for loop, engine in engines.items()}
         torch._dynamo.reset()  # without guards, the last batch's graph would be reused
-        compiled = torch.compile(traced, fullgraph=True, dynamic=False,
-                                 options=vllm_compile_options())
-        times = {(path, name): [] for path in out for name in configs}
+        compiled = {loop: _compile_layers(runtime, layers) for loop, runtime in runtimes.items()}
+        # Entering a compiled graph costs a few dozen microseconds (dynamo's and AOT's
+        # wrappers, outputs): an engine pays it once per forward with or without the
+        # plugin, so the graph path is timed net of an identity graph on the same inputs.
+        entry = torch.compile(lambda inputs: [(h, r) for h, r in inputs], fullgraph=True,
+                              dynamic=False, options=vllm_compile_options())
+        times = {(path, name): [] for path in ("graph", "op") for name in configs}
+        times["entry", ""] = []
 
         def step(path: str, name: str, index: int) -> float:
+            if path == "entry":
+                start = time.perf_counter()
+                entry(states)
+                return time.perf_counter() - start
+            loop = path == "op" or configs[name]["telltale_method"] == "loop"
+            runtime = runtimes[loop]
             extra = request_args(configs[name], taus)
+            req_ids = [f"{name}-{i}" for i in range(b)]
+            scheduled, computed = np.ones(b, dtype=np.int64), prompt + index
+            # the layers' outputs, which the op and loop edit in place (copied untimed)
+            edited = [(h.clone(), r.clone()) for h, r in states]
             start = time.perf_counter()
-            runtime.begin_step([f"{name}-{i}" for i in range(b)], np.ones(b, dtype=np.int64),
-                               prompt + index, prompt, lambda rid: (extra, None, 0))
+            runtime.begin_step(req_ids, scheduled, computed, prompt,
+                               lambda rid: (extra, None, 0))
             if path == "op":
-                for layer, (h, r) in zip(layers, states):
-                    runtime.on_layer(layer, h.clone(), r.clone(), rerun)
+                for layer, (h, r) in zip(layers, edited):
+                    runtime.on_layer(layer, h, r, rerun)
             else:
-                outputs = compiled(states)
-                for layer, (h, r), (_, _, gate) in zip(layers, states, outputs):
-                    runtime.loop_layer(layer, h.clone(), r.clone(), gate, rerun)
+                outputs = compiled[loop](states)
+                # loop's op follows the traced step only where loop may run: an engine
+                # whose requests may not loop has no op (README, "How it works")
+                if loop:
+                    for layer, (h, r), (_, _, gate) in zip(layers, edited, outputs):
+                        runtime.loop_layer(layer, h, r, gate, rerun)
             runtime.end_step()
             return time.perf_counter() - start
 
@@ -129,9 +150,28 @@ def runtime_benchmark(model: str, batches: list[int], steps: int = 60,
                 spent = step(path, name, index)
                 if index >= steps // 4:  # after a warm-up (compilation, first buffers)
                     times[path, name].append(spent)
-        for (path, name), spent in times.items():
-            out[path][name][b] = 1000 * float(np.percentile(spent, 25))
+        quartile = {key: 1000 * float(np.percentile(spent, 25))
+                    for key, spent in times.items()}
+        out["entry_ms"][b] = quartile.pop(("entry", ""))
+        for (path, name), ms in quartile.items():
+            out[path][name][b] = ms - (out["entry_ms"][b] if path == "graph" else 0.0)
     return out
+
+
+def _compile_layers(runtime, layers: list[int]):
+    """`runtime`'s step of every patched layer, traced by torch.compile as vLLM does."""
+    import types
+
+    import torch
+
+    def traced(inputs):
+        return [runtime.layer_step(layer, h, r) for layer, (h, r) in zip(layers, inputs)]
+
+    # without guards, dynamo reuses the graph of the first function with the same code, so
+    # each runtime's function gets a code object of its own
+    code = traced.__code__.replace(co_name=f"traced_{id(runtime)}")
+    return torch.compile(types.FunctionType(code, traced.__globals__, closure=traced.__closure__),
+                         fullgraph=True, dynamic=False, options=vllm_compile_options())
 
 
 def step_benchmark(batches: list[int], hidden: int = 576, reps: int = 20) -> dict:

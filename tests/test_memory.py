@@ -29,7 +29,9 @@ def documented_bytes(dtype_bytes: int) -> dict[str, int]:
     per_slot_tables = 4 * len(PARAM_COLUMNS) + NUM_LAYERS * (4 + 1 + 8) + 8
     per_slot_banks = (LAYERS * ((BANK_K + 1) * HIDDEN * dtype_bytes + BANK_K * 4 + 2 * 4)
                       + (LOG + 1) * (HIDDEN * dtype_bytes + 8) + 8)
-    per_token = 5 * 8 + LAYERS * 4 * 4  # step metadata (ttts rows and slots), the record, loop bits
+    # step metadata (token slot, position, flags, ttts rows, their slots, token rows), the
+    # record, loop bits
+    per_token = 6 * 8 + LAYERS * 4 * 4
     # per layer: its histogram, sum, and the quartiles of the current step (float32 Q1, Q3)
     stats = NUM_LAYERS * (DEFAULT_BINS * 8 + 8 + 8) + len(COUNTERS) * NUM_LAYERS * 8
     return {"slot_bytes": slots * per_slot_tables, "bank_bytes": slots * per_slot_banks,

@@ -18,7 +18,7 @@ from telltale_norm.requests import ACTING, METHOD_ID, OFF, RequestStates
 # Bits of a token's flags.
 DECODE = 1  # a newly decoded output token: observed, counted, edited
 REPLAY = 2  # an output token recomputed after a preemption: edited again, not counted
-TTTS = METHOD_ID["ttts"]
+TTTS, LOOP = METHOD_ID["ttts"], METHOD_ID["loop"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,16 @@ class StepPlan:
     methods: frozenset[int]  # the methods of its decode and replay tokens (OFF left out)
     recorded: bool  # some decode token is traced (its record is copied to the host)
     adaptive: bool  # some token that reads tau (acts, or is recorded) reads the adaptive one
+    patched_decode: bool  # some decode token belongs to a patched request (a decode step)
+    loop_decode: np.ndarray  # int64: slots of the loop requests' decode tokens
 
     @property
     def flags(self) -> np.ndarray:
         return self.decode * DECODE + self.replay * REPLAY
+
+
+# method id -> whether its tokens read tau to act (a lookup: np.isin costs more per step)
+_READS_TAU = np.isin(np.arange(len(METHOD_ID)), tuple(ACTING))
 
 
 def plan_step(states: RequestStates, slots: np.ndarray, num_scheduled: np.ndarray,
@@ -48,29 +54,38 @@ def plan_step(states: RequestStates, slots: np.ndarray, num_scheduled: np.ndarra
     A token is a decode token when its position is at or past the request's prompt length
     and past every position this request had computed before. Output tokens recomputed
     after a preemption are *replay* tokens. Updates each request's high-water mark.
+    Runs on the host before every step, so it counts numpy calls (each costs microseconds
+    on arrays this small): a step of one token per request needs no flattening.
     """
     num_scheduled = np.asarray(num_scheduled, dtype=np.int64)
     num_computed = np.asarray(num_computed, dtype=np.int64)
-    num_tokens = int(num_scheduled.sum())
-    tok_req = np.repeat(np.arange(len(slots)), num_scheduled)
-    first_tok = np.cumsum(num_scheduled) - num_scheduled
-    position = num_computed[tok_req] + np.arange(num_tokens) - first_tok[tok_req]
-    token_slot = slots[tok_req]
-    output = position >= states.prompt_len[token_slot]
+    last = num_computed + num_scheduled - 1
+    if (num_scheduled == 1).all():  # decode steps: token i is request i's
+        token_slot, position = slots, num_computed
+    else:
+        tok_req = np.repeat(np.arange(len(slots)), num_scheduled)
+        first_tok = np.cumsum(num_scheduled) - num_scheduled
+        position = num_computed[tok_req] + np.arange(len(tok_req)) - first_tok[tok_req]
+        token_slot = slots[tok_req]
+    decode_step = position - states.prompt_len[token_slot]
+    output = decode_step >= 0
     fresh = position > states.high_water[token_slot]
     decode, replay = output & fresh, output & ~fresh
-    states.high_water[slots] = np.maximum(states.high_water[slots],
-                                          num_computed + num_scheduled - 1)
+    states.high_water[slots] = np.maximum(states.high_water[slots], last)
     method = states.method[token_slot]
     ttts_rows = np.flatnonzero(decode & (method == TTTS))
-    methods = frozenset(method[decode | replay].tolist()) - {OFF}
+    methods = frozenset(method[output].tolist()) - {OFF}
     traced = decode & states.traced[token_slot]
     # a request's tau is NaN on the layers where it is adaptive
-    reads = token_slot[((decode | replay) & np.isin(method, tuple(ACTING))) | traced]
+    reads = token_slot[(output & _READS_TAU[method]) | traced]
     adaptive = bool((states.layers[reads] & np.isnan(states.tau[reads])).any())
-    return StepPlan(num_tokens, token_slot, position, decode, replay,
-                    position - states.prompt_len[token_slot], ttts_rows, methods,
-                    bool(traced.any()), adaptive)
+    return StepPlan(len(token_slot), token_slot, position, decode, replay, decode_step,
+                    ttts_rows, methods, bool(traced.any()), adaptive,
+                    bool((decode & (method != OFF)).any()),
+                    token_slot[decode & (method == LOOP)] if LOOP in methods else _NONE)
+
+
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 def _packed_row(index: int) -> property:
@@ -85,7 +100,9 @@ class StepBuffers:
     Rows past a step's tokens (the padding of a CUDA-graph batch) always hold the null slot
     and no flags, so the per-layer step may process every row of its input. `ttts_rows`
     lists the ttts decode tokens first (their count is at most the number of slots) and
-    `ttts_slot` their slots; the rest point at token 0 and the null slot.
+    `ttts_slot` their slots; the rest point at token 0 and the null slot. `ttts_row` is the
+    inverse, per token: its index in `ttts_rows`, or -1 (a gather puts the rows' results
+    back into the step's tokens; a scatter would take a pass of its own).
 
     `methods` and `recorded` repeat the step's mix on the host. Only an eager step reads
     them, to skip the work of methods no token uses; a traced or captured step ignores them
@@ -94,7 +111,7 @@ class StepBuffers:
 
     def __init__(self, max_tokens: int, null_slot: int, device: torch.device) -> None:
         self.max_tokens = max_tokens
-        self._null = np.array([null_slot, 0, 0, 0, null_slot], dtype=np.int64)[:, None]
+        self._null = np.array([null_slot, 0, 0, 0, null_slot, -1], dtype=np.int64)[:, None]
         self._host = np.repeat(self._null, max_tokens, axis=1)
         self._packed = torch.from_numpy(self._host).to(device)
         # False outside a step: vLLM's warm-up and dummy runs pass through the layer steps
@@ -104,7 +121,8 @@ class StepBuffers:
         self.methods: frozenset[int] = frozenset()
         self.recorded = False
 
-    token_slot, position, flags, ttts_rows, ttts_slot = (_packed_row(i) for i in range(5))
+    token_slot, position, flags, ttts_rows, ttts_slot, ttts_row = (
+        _packed_row(i) for i in range(6))
 
     def write(self, plan: StepPlan) -> None:
         t = plan.num_tokens
@@ -116,6 +134,7 @@ class StepBuffers:
         host[0, :t], host[1, :t], host[2, :t] = plan.token_slot, plan.position, plan.flags
         host[3, :len(plan.ttts_rows)] = plan.ttts_rows
         host[4, :len(plan.ttts_rows)] = plan.token_slot[plan.ttts_rows]
+        host[5, plan.ttts_rows] = np.arange(len(plan.ttts_rows))
         n = max(t, self._written)
         self._packed[:, :n].copy_(torch.from_numpy(host[:, :n]), non_blocking=True)
         self.live.fill_(True)

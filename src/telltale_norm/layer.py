@@ -8,8 +8,9 @@ nothing), so the same code runs eagerly, traced into vLLM's compiled model, or r
 inside a CUDA graph. Traced or captured, it does the work of every method; run eagerly, it
 skips the work of methods no token of the step uses (the step's mix is known on the host
 before the forward). Only loop's re-runs need Python and a host synchronisation:
-`methods.loop.LoopLayer` runs them after this step, from the `gate` it returns (each
-token's norm and, for the tokens that enter loop's window, its tau).
+`methods.loop.LoopLayer` runs them after this step, from the `gate` it returns on engines
+where loop is possible (each token's norm, its tau where it enters loop's window, and how
+many tokens of the step enter it).
 
 Traced, every patched layer runs the same code on the same buffers: what tells layers apart
 is a small device tensor per layer (its *key*: the layer index and its column in the banks
@@ -21,6 +22,7 @@ layers are patched (docs/BENCHMARKS.md: a compiled start 1.13x a plain one).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -60,10 +62,11 @@ class LayerStep:
 
     def __init__(self, states: RequestStates, step: StepBuffers, quantiles: StreamingQuantiles,
                  counters: torch.Tensor, banks: Banks, recorder: TraceRecorder,
-                 decode_steps: torch.Tensor) -> None:
+                 decode_steps: torch.Tensor, loop_possible: bool) -> None:
         self.states, self.step, self.quantiles = states, step, quantiles
         self.counters, self.banks, self.recorder = counters, banks, recorder
         self.decode_steps = decode_steps  # [1] int64 on the device, written once per step
+        self.loop_possible = loop_possible  # the engine's: else no gate is computed
         # one key per patched layer: (layer, its column in the banks and the record)
         self.keys = {layer: torch.tensor([layer, column], device=counters.device)
                      for layer, column in banks.column.items()}
@@ -74,20 +77,21 @@ class LayerStep:
             lambda hidden, residual, key: self._step(hidden, residual, key, EVERY_METHOD, True))
 
     def __call__(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The layer's new `(hidden, residual)` for the current step (inputs untouched),
-        and loop's `gate` `[tokens, 2]`: each token's norm, and its tau where it enters
-        loop's window (NaN elsewhere: loop's Python then only checks that none does)."""
+        and, where loop is possible, loop's `gate` `[tokens, 3]`: each token's norm, its tau
+        where it enters loop's window (NaN elsewhere), and on every row the number of
+        tokens that enter it (loop's Python reads one number when none does)."""
         key = self.keys[layer]
         if _graph_building(hidden):  # replayed for every later mix: do every method's work
-            hidden, gate = self._traced(hidden, residual, key)
+            out = self._traced(hidden, residual, key)
         else:  # eagerly, the step's mix (known on the host) skips the work no token needs
-            hidden, gate = self._step(hidden, residual, key, self.step.methods,
-                                      self.step.recorded)
-        return hidden, residual, gate
+            out = self._step(hidden, residual, key, self.step.methods, self.step.recorded)
+        return out[0], residual, out[1] if self.loop_possible else None
 
     def _step(self, hidden: torch.Tensor, residual: torch.Tensor | None, key: torch.Tensor,
-              methods: frozenset[int], recorded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              methods: frozenset[int], recorded: bool) -> tuple[torch.Tensor, ...]:
+        """`(hidden,)`, and `(hidden, gate)` where loop is possible."""
         t = hidden.shape[0]
         layer, column = key[LAYER], key[COLUMN]
         tables, step = self.states.tables, self.step
@@ -105,20 +109,21 @@ class LayerStep:
         counts = {"tokens": observe.sum()}
         if not (recorded or methods & ACTING):  # no token acts or is recorded with tau
             self._count(layer, counts)
-            return hidden, stack_columns([norms, torch.full_like(norms, math.nan)])
+            return (hidden, *self._gate(norms, norms, lambda: torch.zeros_like(observe)))
         tau, ready = self._tau(layer, tables["tau"][slot, layer], params)
         edit = in_layer & ready & (decode | replay)
-        enters_loop = (edit & (method == LOOP) & (norms > tau)
-                       & (norms < params[:, COL["loop_blowup"]] * tau)
-                       & (params[:, COL["loop_max_extra"]] >= 1))
-        gate = stack_columns([norms, torch.where(enters_loop, tau, math.nan)])
+        gate = self._gate(norms, tau, lambda: (
+            edit & (method == LOOP) & (norms > tau)
+            & (norms < params[:, COL["loop_blowup"]] * tau)
+            & (params[:, COL["loop_max_extra"]] >= 1)))
         action = torch.zeros_like(norms)
         if methods & {SUPPRESS, TTTS}:  # one draw per token, from its method's stream
             draws = rng.draw(tables["rng_key"][slot, layer], step.position[:t])
         if TTTS in methods:
             r = min(t, self.states.capacity)  # one decode token per slot
             out = ttts_layer(self.banks, column, hidden, residual, norms, tau,
-                             step.ttts_rows[:r], step.ttts_slot[:r], in_layer & ready, slot,
+                             step.ttts_rows[:r], step.ttts_slot[:r], step.ttts_row[:t],
+                             in_layer & ready, slot,
                              step.position[:t], draws, params,
                              replay & in_layer & (method == TTTS))
             hidden = out.hidden
@@ -137,7 +142,17 @@ class LayerStep:
                 (torch.arange(t, device=hidden.device), column.expand(t)),
                 stack_columns([norms, torch.where(in_layer, tau, math.nan), action]))
         self._count(layer, counts)
-        return hidden, gate
+        return (hidden, *gate)
+
+    def _gate(self, norms: torch.Tensor, tau: torch.Tensor,
+              entering: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Loop's gate (see `__call__`) where loop is possible, else nothing (nor the mask
+        `entering()` of the tokens that enter loop's window)."""
+        if not self.loop_possible:
+            return ()
+        enters = entering()
+        return (stack_columns([norms, torch.where(enters, tau, math.nan),
+                               enters.sum().float().expand_as(norms)]),)
 
     def _tau(self, layer: torch.Tensor, fixed: torch.Tensor, params: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from telltale_norm.traces import TraceRecorder
 
 logger = logging.getLogger("vllm.telltale_norm")
 
-LOOP, TTTS, RERANK = METHOD_ID["loop"], METHOD_ID["ttts"], METHOD_ID["rerank"]
+TTTS, RERANK = METHOD_ID["ttts"], METHOD_ID["rerank"]
 
 # What the adapter tells about a request the first time it is scheduled: its
 # SamplingParams.extra_args, its seed (None when unseeded) and its sample index (n > 1).
@@ -69,7 +69,8 @@ class TelltaleRuntime:
         self.buffers = StepBuffers(max_num_tokens, self.states.null_slot, self.device)
         self._decode_steps = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.layer_step = LayerStep(self.states, self.buffers, self.quantiles, step_counters,
-                                    self.banks, self.traces, self._decode_steps)
+                                    self.banks, self.traces, self._decode_steps,
+                                    config.loop_possible)
         self.loop_layer = LoopLayer(
             self.states.tables["params"], self.buffers.token_slot,
             lambda t: (self.buffers.flags[:t] & REPLAY) != 0, loop_counters,
@@ -171,11 +172,10 @@ class TelltaleRuntime:
                              for r, prompt in zip(req_ids, num_prompt)),
                             dtype=np.int64, count=len(req_ids))
         plan = plan_step(states, slots, num_scheduled, num_computed)
-        active = states.method[plan.token_slot] != OFF
-        self.prefill_steps += bool((~plan.decode).any())
-        self.decode_steps += bool((plan.decode & active).any())
-        loop = plan.token_slot[(states.method[plan.token_slot] == LOOP) & plan.decode]
-        self.loop_layer.limit = int(states.params[loop, COL["loop_max_extra"]].max(initial=0))
+        self.prefill_steps += not plan.decode.all()
+        self.decode_steps += plan.patched_decode
+        self.loop_layer.limit = int(states.params[plan.loop_decode, COL["loop_max_extra"]]
+                                    .max(initial=0))
         if self.config.loop_possible:
             self.traces.loop_action.zero_()  # no stale re-run bits in this step's traces
         states.sync()
@@ -200,7 +200,7 @@ class TelltaleRuntime:
             return
         new_hidden, _, gate = self.layer_step(layer, hidden, residual)
         hidden.copy_(new_hidden)
-        if rerun is not None and residual is not None:
+        if rerun is not None and residual is not None and gate is not None:
             self.loop_layer(layer, hidden, residual, gate, rerun)
 
     # ------------------------------------------------------------ statistics

@@ -104,9 +104,9 @@ class TraceRecorder:
 
     def end_step(self, plan: StepPlan) -> None:
         """Start copying the step's record to the host if it has traced decode tokens."""
-        keep = plan.decode & self.states.traced[plan.token_slot]
-        if not keep.any():
+        if not plan.recorded:
             return
+        keep = plan.decode & self.states.traced[plan.token_slot]
         token = np.flatnonzero(keep)
         t = plan.num_tokens
         rows = (self._host[0][:t], self._host[1][:t])

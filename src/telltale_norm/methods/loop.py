@@ -120,8 +120,8 @@ LOOP_COUNTERS = (
 
 class LoopLayer:
     """Loop's part of a layer, after the graph-safe step (`layer.LayerStep`): reads the
-    step's `gate` (norms, and tau where a token enters loop's window) and re-runs the layer
-    in place."""
+    step's `gate` (norms, tau where a token enters loop's window, how many do) and re-runs
+    the layer in place."""
 
     def __init__(self, slot_params: torch.Tensor, token_slot: torch.Tensor,
                  replay: Callable[[int], torch.Tensor], counters: torch.Tensor,
@@ -137,10 +137,11 @@ class LoopLayer:
         """Re-run `layer` for its active tokens, editing `hidden`/`residual` in place."""
         if not self.limit:  # no loop request in this step: no synchronisation either
             return
+        # the common case, no token enters: one number read (one synchronisation)
+        if not len(gate) or not bool(self.agree(gate[:1, 2] > 0)):
+            return
         norms, tau = gate[:, 0], gate[:, 1]
         enters = self.agree(~torch.isnan(tau))
-        if not bool(enters.any()):  # the common case: one synchronisation, nothing to run
-            return
         t = hidden.shape[0]
         params = self.slot_params[self.token_slot[:t]]
         result = loop_step(

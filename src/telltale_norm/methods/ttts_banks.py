@@ -104,9 +104,9 @@ class Banks:
             return (self.log_row[slots, torch.zeros_like(slots)],
                     torch.zeros_like(slots, dtype=torch.bool))
         key = position * len(self.column) + column
-        match = self.log_key[slots][:, :self.log_capacity] == key.unsqueeze(1)
-        found = match.any(1)
-        return self.log_row[slots, match.int().argmax(1)], found
+        # one search: the first match, or entry 0 (found only if that one matches)
+        at = (self.log_key[slots][:, :self.log_capacity] == key.unsqueeze(1)).int().argmax(1)
+        return self.log_row[slots, at], self.log_key[slots, at] == key
 
     def live(self, slots: list[int], method_id: int) -> int:
         """Banks of live ttts requests (one per patched layer each)."""
@@ -132,15 +132,16 @@ class TttsLayerResult:
 
 def ttts_layer(banks: Banks, column: torch.Tensor, h: torch.Tensor,
                r: torch.Tensor | None, norms: torch.Tensor, tau: torch.Tensor,
-               rows: torch.Tensor, slots: torch.Tensor, acting: torch.Tensor,
-               slot: torch.Tensor, position: torch.Tensor, draws: torch.Tensor,
-               params: torch.Tensor, replay: torch.Tensor) -> TttsLayerResult:
+               rows: torch.Tensor, slots: torch.Tensor, token_row: torch.Tensor,
+               acting: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
+               draws: torch.Tensor, params: torch.Tensor, replay: torch.Tensor
+               ) -> TttsLayerResult:
     """ERSS on one layer for a step (its bank `column`, a [1] device tensor): `rows` index
-    the step's ttts decode tokens and `slots` are theirs (the null slot for padding rows);
-    `acting`, `slot`, `position`, `draws` (uniforms of `rng.STREAM_TTTS`) and `params` are
-    per token of the step; `replay` marks the recomputed output tokens of ttts requests.
-    Rows that may not act keep their state: every write leaves it as it was."""
-    t = h.shape[0]
+    the step's ttts decode tokens and `slots` are theirs (the null slot for padding rows),
+    `token_row` is each token's index in `rows` (-1 for the others); `acting`, `slot`,
+    `position`, `draws` (uniforms of `rng.STREAM_TTTS`) and `params` are per token of the
+    step; `replay` marks the recomputed output tokens of ttts requests. Rows that may not
+    act keep their state: every write leaves it as it was."""
     # slots as the host wrote them, not masked on the device: traced, a read of the bank
     # indexed by them is then cheap enough to stay in place
     valid = (slots != banks.states.null_slot) & acting[rows]
@@ -152,11 +153,9 @@ def ttts_layer(banks: Banks, column: torch.Tensor, h: torch.Tensor,
     out = ttts_step(x, torch.zeros_like(x) if res is None else res, norms, tau, valid,
                     draws[rows], banks.read(slots, column), settings, insert)
     # x + delta, written back as hidden rows (rows that inject nothing keep their bits)
-    delta = torch.zeros(t, h.shape[1], dtype=torch.float32, device=h.device)
-    delta = delta.index_add(0, rows, out.delta)
-    injected = torch.zeros(t, dtype=torch.int32, device=h.device).index_add(
-        0, rows, out.injected.int()) > 0
-    hidden = torch.where(injected.unsqueeze(1), shifted_residual_stream(h, delta), h)
+    row = token_row.clamp_min(0)
+    injected = (token_row >= 0) & out.injected[row]
+    hidden = torch.where(injected.unsqueeze(1), shifted_residual_stream(h, out.delta[row]), h)
     unlogged = banks.log(slots, position[rows], column, out.injected, hidden[rows])
     logged, found = banks.logged_rows(slot, position, column)
     found = found & replay
