@@ -8,6 +8,8 @@ compiled graph or a CUDA graph that reads them sees each step's values.
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +90,26 @@ def plan_step(states: RequestStates, slots: np.ndarray, num_scheduled: np.ndarra
 _NONE = np.zeros(0, dtype=np.int64)
 
 
+def advance_plan(last: StepPlan, states: RequestStates, num_scheduled: np.ndarray,
+                 num_computed: np.ndarray) -> StepPlan | None:
+    """`plan_step` of a step of the same requests as `last`, in the same order, in the same
+    slots (none released since), when `last` and this step both decode one new token each
+    (most steps of a decode-heavy batch): only the positions move, so the rest of `last`
+    is reused as it is (the same arrays, which `StepBuffers.write` recognises). None when
+    that is not the case (a prefill chunk, a replay, several tokens per request)."""
+    num_scheduled = np.asarray(num_scheduled, dtype=np.int64)
+    if len(num_scheduled) != last.num_tokens or not last.decode.all() \
+            or not (num_scheduled == 1).all():
+        return None
+    position = np.asarray(num_computed, dtype=np.int64)
+    slots = last.token_slot
+    if not (position > states.high_water[slots]).all():  # a position seen before: a replay
+        return None
+    states.high_water[slots] = position
+    return dataclasses.replace(last, position=position,
+                               decode_step=position - states.prompt_len[slots])
+
+
 def _packed_row(index: int) -> property:
     # Taken where it is used, never stored: a traced region whose inputs are views of one
     # buffer is refused (its inputs would alias).
@@ -118,6 +140,7 @@ class StepBuffers:
         # too, and must not act on the last step's requests
         self.live = torch.zeros(1, dtype=torch.bool, device=device)
         self._written = 0  # rows the last step wrote (reset to null by the next write)
+        self._arrays: tuple[np.ndarray, ...] = (None,) * 4  # whose rows they are
         self.methods: frozenset[int] = frozenset()
         self.recorded = False
 
@@ -130,11 +153,16 @@ class StepBuffers:
             raise RuntimeError(f"telltale-norm: a step of {t} tokens exceeds the "
                                f"{self.max_tokens} its buffers were sized for")
         host = self._host
-        host[:, :self._written] = self._null
-        host[0, :t], host[1, :t], host[2, :t] = plan.token_slot, plan.position, plan.flags
-        host[3, :len(plan.ttts_rows)] = plan.ttts_rows
-        host[4, :len(plan.ttts_rows)] = plan.token_slot[plan.ttts_rows]
-        host[5, plan.ttts_rows] = np.arange(len(plan.ttts_rows))
+        arrays = (plan.token_slot, plan.decode, plan.replay, plan.ttts_rows)
+        if all(map(operator.is_, arrays, self._arrays)):  # `advance_plan`'s: rows but the
+            host[1, :t] = plan.position  # positions hold the last step's already
+        else:
+            host[:, :self._written] = self._null
+            host[0, :t], host[1, :t], host[2, :t] = plan.token_slot, plan.position, plan.flags
+            host[3, :len(plan.ttts_rows)] = plan.ttts_rows
+            host[4, :len(plan.ttts_rows)] = plan.token_slot[plan.ttts_rows]
+            host[5, plan.ttts_rows] = np.arange(len(plan.ttts_rows))
+            self._arrays = arrays
         n = max(t, self._written)
         self._packed[:, :n].copy_(torch.from_numpy(host[:, :n]), non_blocking=True)
         self.live.fill_(True)

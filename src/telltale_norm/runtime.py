@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from telltale_norm.batch import REPLAY, StepBuffers, StepPlan, plan_step
+from telltale_norm.batch import REPLAY, StepBuffers, StepPlan, advance_plan, plan_step
 from telltale_norm.config import ConfigError, TelltaleConfig, check_request
 from telltale_norm.layer import STEP_COUNTERS, LayerStep
 from telltale_norm.methods.loop import LOOP_COUNTERS, Agree, LoopLayer, Rerun
@@ -79,7 +79,10 @@ class TelltaleRuntime:
         self.push = PushQueue(self.patched_layers)
         self.rerank_requests = 0
         self._scorers: dict[int, Callable[[np.ndarray, np.ndarray], dict]] = {}
-        self._plan: StepPlan | None = None
+        self._plan: StepPlan | None = None  # the current step's (None outside a step)
+        # the last step's requests and plan, for `advance_plan`: valid until a release (a
+        # freed slot may be taken by another request, a request id may come back)
+        self._last: tuple[tuple[str, ...], StepPlan] | None = None
         self._unpatched: set[str] = set()  # live requests that run on the null slot
         self.start_line = ""  # what the adapter logged when it attached this runtime
         # layers whose norms this rank records (pipeline parallel: its own stage's)
@@ -140,6 +143,8 @@ class TelltaleRuntime:
         """Free finished or aborted requests; traced ones leave their trace in the outbox."""
         self.traces.collect()
         states = self.states
+        if req_ids:
+            self._last = None
         for req_id in req_ids:
             self._unpatched.discard(req_id)
             slot = states.slot(req_id)
@@ -168,14 +173,19 @@ class TelltaleRuntime:
         admits new requests, then writes the step's metadata into the fixed buffers."""
         self.traces.collect()
         states = self.states
-        slots = np.fromiter((self._slot(r, request_info, prompt)
-                             for r, prompt in zip(req_ids, num_prompt)),
-                            dtype=np.int64, count=len(req_ids))
-        plan = plan_step(states, slots, num_scheduled, num_computed)
+        requests, plan = tuple(req_ids), None
+        if self._last is not None and requests == self._last[0]:
+            plan = advance_plan(self._last[1], states, num_scheduled, num_computed)
+        if plan is None:
+            slots = np.fromiter((self._slot(r, request_info, prompt)
+                                 for r, prompt in zip(req_ids, num_prompt)),
+                                dtype=np.int64, count=len(req_ids))
+            plan = plan_step(states, slots, num_scheduled, num_computed)
+            self.loop_layer.limit = int(states.params[plan.loop_decode,
+                                                      COL["loop_max_extra"]].max(initial=0))
+        self._last = requests, plan
         self.prefill_steps += not plan.decode.all()
         self.decode_steps += plan.patched_decode
-        self.loop_layer.limit = int(states.params[plan.loop_decode, COL["loop_max_extra"]]
-                                    .max(initial=0))
         if self.config.loop_possible:
             self.traces.loop_action.zero_()  # no stale re-run bits in this step's traces
         states.sync()
