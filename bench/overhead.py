@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/overhead.py                 # full run, writes docs/BENCHMARKS.md
     .venv/bin/python bench/overhead.py --quick         # smaller, for a smoke test
+    .venv/bin/python bench/overhead.py --quick --batches 1,8,32   # --quick's reps, batch 32 too
 
 Three compiled engines on the same model stay up side by side: plugin off (VLLM_PATCH
 unset); "graph", VLLM_PATCH=monitor, where the plugin's step is traced into the compiled
@@ -266,6 +267,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="batches 1,8; 2 reps; 32 tokens (default: 1,8,32; 5; 96)")
     parser.add_argument("--reps", type=int, help="repetitions (default: 5, --quick 2)")
+    parser.add_argument("--batches", help="comma-separated batch sizes (default: 1,8,32, "
+                                          "--quick 1,8)")
+    parser.add_argument("--tokens", type=int,
+                        help="output tokens per request (default: 96, --quick 32)")
     parser.add_argument("--eager", action="store_true",
                         help="enforce_eager engines (vLLM's default, measured otherwise, "
                              "compiles the model: minutes to start)")
@@ -278,7 +283,9 @@ def main() -> None:
 
     model = args.model or str(default_model_dir())
     batches, reps, tokens = ([1, 8], 2, 32) if args.quick else ([1, 8, 32], 5, 96)
-    reps = args.reps or reps
+    reps, tokens = args.reps or reps, args.tokens or tokens
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
     out = Path(args.out)
     if args.no_engine:
         result = json.loads(out.with_suffix(".json").read_text(), object_hook=_int_keys)
@@ -289,7 +296,9 @@ def main() -> None:
                        "no GPU",
             "model": Path(model).name,
             "command": "python bench/overhead.py" + (" --quick" if args.quick else "")
+                       + (f" --batches {args.batches}" if args.batches else "")
                        + (f" --reps {args.reps}" if args.reps else "")
+                       + (f" --tokens {args.tokens}" if args.tokens else "")
                        + (" --eager" if args.eager else ""),
             "engine": engine_benchmark(model, batches, reps, tokens, not args.eager),
         }
