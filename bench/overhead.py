@@ -23,7 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
-from step_time import CONFIGS, request_args, runtime_benchmark, step_benchmark
+from step_time import (CONFIGS, KV_CACHE_BYTES, pin_to_engine_cores, request_args,
+                       runtime_benchmark, step_benchmark)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = {"off": None, "graph": {"VLLM_PATCH": "monitor"},
@@ -63,9 +64,9 @@ def _engine(model: str, env: dict | None, layers: list[int], compile_model: bool
 
         register()
     start = time.perf_counter()
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.12,
-              enforce_eager=not compile_model, seed=0, max_num_seqs=64,
-              disable_log_stats=False)  # per-request token timestamps
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=1024,
+              kv_cache_memory_bytes=KV_CACHE_BYTES, enforce_eager=not compile_model, seed=0,
+              max_num_seqs=64, disable_log_stats=False)  # per-request token timestamps
     started = time.perf_counter() - start
     for key in keys:
         os.environ.pop(key, None)
@@ -180,7 +181,9 @@ def write_report(result: dict, path: Path, plot_path: Path) -> None:
         "before; loop runs there only).", "",
         "## The plugin's own time per decode step", "",
         "Begin of step + every patched layer + end of step, on random states of the model's "
-        "shape (ms, lower quartile of 60 steps, configurations taking turns in a random order), and the time "
+        "shape (ms, lower quartile of 60 steps, configurations taking turns in a random "
+        f"order; on an engine worker's CPUs {result['engine_cores']}, one thread each, as vLLM "
+        "binds it), and the time "
         "per step relative to plugin-off's measured step (" + ", ".join(
             f"batch {b}: {step_ms[b]:.0f} ms" for b in batches) + "): `graph` traced with "
         "torch.compile (plus loop's Python where loop runs), net of entering a compiled graph "
@@ -302,6 +305,8 @@ def main() -> None:
                        + (" --eager" if args.eager else ""),
             "engine": engine_benchmark(model, batches, reps, tokens, not args.eager),
         }
+    # after the engines: the engine-free parts run on an engine worker's CPUs, as it would
+    result["engine_cores"] = pin_to_engine_cores(model)
     result["runtime"] = runtime_benchmark(model, batches)
     result["steps"] = step_benchmark([1, 8, 32, 128])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from step_time import KV_CACHE_BYTES
+
 ENGINES = {"plain": {}, "monitor": {"VLLM_PATCH": "monitor"}, "loop": {"VLLM_PATCH": "loop"}}
 TARGET = 1.2
 MARK = "telltale-start-s="
@@ -27,8 +29,8 @@ def start_once(model: str) -> float:
     from vllm import LLM
 
     start = time.perf_counter()
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.12,
-              seed=0, max_num_seqs=64)
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=1024,
+              kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0, max_num_seqs=64)
     started = time.perf_counter() - start
     llm.generate(["Hello"], use_tqdm=False)  # the engine works
     return started

@@ -38,6 +38,13 @@ CONFIGS = {
 }
 
 
+# The benchmarks' engines: an explicit KV cache (vLLM's CPU worker otherwise takes
+# gpu_memory_utilization of its NUMA node's memory, less its own, which some VMs report as a
+# fraction of their RAM: 0.12 of it can be less than a compiled worker holds). 256 MiB holds
+# ~11k tokens of SmolLM2: batch 32 of the benchmarks' requests, or one of max_model_len.
+KV_CACHE_BYTES = 256 << 20
+
+
 # The inductor options vLLM's CPU platform compiles its model with (vllm/platforms/cpu.py).
 VLLM_CPU_INDUCTOR = {"dce": True, "size_asserts": False, "nan_asserts": False,
                      "epilogue_fusion": True, "cpp.dynamic_threads": True}
@@ -49,6 +56,24 @@ def vllm_compile_options() -> dict:
     import torch
 
     return {**VLLM_CPU_INDUCTOR, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+
+
+def pin_to_engine_cores(model: str) -> list[int]:
+    """Run this process as vLLM's CPU worker of a one-rank engine on `model` runs: on its
+    CPUs, one OpenMP thread each (vllm/utils/ompmultiprocessing.py; on 2 cores: one, the
+    other reserved for the scheduler). The step's compiled kernels open OpenMP regions, whose
+    cost depends on the thread count. Returns the CPUs."""
+    import os
+
+    import torch
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    config = EngineArgs(model=model, dtype="bfloat16", max_model_len=1024).create_engine_config()
+    cores = OMPProcessManager(config).cpu_lists[0]
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+    return cores
 
 
 def request_args(config: dict, taus: dict[int, float]) -> dict:
@@ -294,6 +319,8 @@ if __name__ == "__main__":
         parser.error(f"--configs: unknown {sorted(unknown)}; allowed: {list(CONFIGS)}")
     chosen = {name: CONFIGS[name] for name in args.configs.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
-    print(json.dumps({"runtime": runtime_benchmark(str(default_model_dir()), batches,
-                                                   configs=chosen),
+    model = str(default_model_dir())
+    cores = pin_to_engine_cores(model)
+    print(json.dumps({"engine_cores": cores,
+                      "runtime": runtime_benchmark(model, batches, configs=chosen),
                       "steps": step_benchmark(batches)}, indent=2))

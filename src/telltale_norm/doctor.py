@@ -207,12 +207,30 @@ def _check_memory(device: str | None) -> Check:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     if device != "cpu":
         return Check("OK", f"memory: {total:.1f} GiB RAM")
-    # On CPU, vLLM reserves gpu_memory_utilization x RAM for weights and KV cache; about
-    # 4.5 GiB is plenty for the demo's small models.
-    suggested = round(min(0.5, max(0.05, 4.5 / total)), 2)
-    status = "OK" if total >= 8 else "WARN"
-    return Check(status, f"memory: {total:.1f} GiB RAM; on CPU use gpu_memory_utilization="
-                         f"{suggested} (reserves {suggested * total:.1f} GiB for weights and KV "
-                         "cache; raise it for larger models)",
+    # On CPU, vLLM's worker reserves gpu_memory_utilization x the memory of its NUMA node
+    # (some VMs report a fraction of their RAM there); about 4.5 GiB is plenty for the demo's
+    # small models.
+    node = _numa_node_gib()
+    base = total if node is None else node
+    suggested = round(min(0.5, max(0.05, 4.5 / base)), 2)
+    status = "OK" if base >= 8 else "WARN"
+    where = "" if node is None or abs(node - total) < 0.5 else (
+        f", {node:.1f} GiB on the NUMA node vLLM's worker runs on")
+    return Check(status, f"memory: {total:.1f} GiB RAM{where}; on CPU use "
+                         f"gpu_memory_utilization={suggested} (reserves {suggested * base:.1f} "
+                         "GiB for weights and KV cache; raise it for larger models)",
                  "" if status == "OK" else "close other programs; vLLM needs a few GiB")
+
+
+def _numa_node_gib() -> float | None:
+    """MemTotal of the NUMA node of this process's first CPU (vLLM's CPU worker binds to
+    it and sizes its reservation by it), or None where the system has no such file."""
+    cpu = min(os.sched_getaffinity(0))
+    nodes = sorted(Path(f"/sys/devices/system/cpu/cpu{cpu}").glob("node[0-9]*"))
+    meminfo = Path("/sys/devices/system/node") / (nodes[0].name if nodes else "node0") / "meminfo"
+    try:
+        line = next(line for line in meminfo.read_text().splitlines() if "MemTotal:" in line)
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[3]) * 1024 / GIB
 
