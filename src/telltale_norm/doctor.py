@@ -224,7 +224,10 @@ def _check_memory(device: str | None) -> Check:
 
 def _numa_node_gib() -> float | None:
     """MemTotal of the NUMA node of this process's first CPU (vLLM's CPU worker binds to
-    it and sizes its reservation by it), or None where the system has no such file."""
+    it and sizes its reservation by it), or None where the system has no such file (or,
+    as macOS, no CPU affinity: vLLM reads the RAM there)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
     cpu = min(os.sched_getaffinity(0))
     nodes = sorted(Path(f"/sys/devices/system/cpu/cpu{cpu}").glob("node[0-9]*"))
     meminfo = Path("/sys/devices/system/node") / (nodes[0].name if nodes else "node0") / "meminfo"
