@@ -62,15 +62,22 @@ def pin_to_engine_cores(model: str) -> list[int]:
     """Run this process as vLLM's CPU worker of a one-rank engine on `model` runs: on its
     CPUs, one OpenMP thread each (vllm/utils/ompmultiprocessing.py; on 2 cores: one, the
     other reserved for the scheduler). The step's compiled kernels open OpenMP regions, whose
-    cost depends on the thread count. Returns the CPUs."""
+    cost depends on the thread count. Returns the CPUs. Where vLLM binds no CPUs (a GPU
+    platform, or VLLM_CPU_OMP_THREADS_BIND=nobind), nothing changes: this process's own."""
     import os
 
     import torch
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
+    if not current_platform.is_cpu():
+        return sorted(os.sched_getaffinity(0))
     config = EngineArgs(model=model, dtype="bfloat16", max_model_len=1024).create_engine_config()
-    cores = OMPProcessManager(config).cpu_lists[0]
+    lists = OMPProcessManager(config).cpu_lists
+    if not lists:
+        return sorted(os.sched_getaffinity(0))
+    cores = lists[0]
     os.sched_setaffinity(0, cores)
     torch.set_num_threads(len(cores))
     return cores
