@@ -30,12 +30,13 @@ def documented_bytes(dtype_bytes: int) -> dict[str, int]:
     per_slot_banks = (LAYERS * ((BANK_K + 1) * HIDDEN * dtype_bytes + BANK_K * 4 + 2 * 4)
                       + (LOG + 1) * (HIDDEN * dtype_bytes + 8) + 8)
     # step metadata (token slot, position, flags, ttts rows, their slots, token rows), the
-    # record, loop bits
+    # record, loop bits; per request, ttts's staging of the step's float32 states
     per_token = 6 * 8 + LAYERS * 4 * 4
+    staging = SEQS * HIDDEN * 4
     # per layer: its histogram, sum, and the quartiles of the current step (float32 Q1, Q3)
     stats = NUM_LAYERS * (DEFAULT_BINS * 8 + 8 + 8) + len(COUNTERS) * NUM_LAYERS * 8
     return {"slot_bytes": slots * per_slot_tables, "bank_bytes": slots * per_slot_banks,
-            "step_bytes": TOKENS * per_token + 1, "stats_bytes": stats}
+            "step_bytes": TOKENS * per_token + 1 + staging, "stats_bytes": stats}
 
 
 def test_memory_is_allocated_at_start_and_does_not_grow_at_full_concurrency(tiny_model):

@@ -1,5 +1,6 @@
 """ERSS step (vectorised over requests) against a deliberately simple per-token loop."""
 
+import dataclasses
 import math
 import random
 
@@ -68,8 +69,11 @@ request = st.fixed_dictionaries({
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(request, min_size=1, max_size=4), st.integers(4, 12), st.integers(0, 2**32))
-def test_vectorised_step_equals_per_token_loop(reqs, steps, walk_seed):
+@given(st.lists(request, min_size=1, max_size=4), st.integers(4, 12), st.integers(0, 2**32),
+       st.booleans())
+def test_vectorised_step_equals_per_token_loop(reqs, steps, walk_seed, lazy_bank):
+    """`lazy_bank`: the banks come as a function of the trigger mask that gives the rows
+    which do not trigger a bank of garbage (what `Banks.read` gives them: another bank)."""
     names = ("low_k", "gamma", "p_inject", "beta", "cooldown", "bank_k", "cos_min")
     s = TttsSettings(**{name: torch.tensor([float(r[name]) for r in reqs]) for name in names})
     banks, lows, cds = [[] for _ in reqs], [0] * len(reqs), [0] * len(reqs)
@@ -83,9 +87,13 @@ def test_vectorised_step_equals_per_token_loop(reqs, steps, walk_seed):
         x = torch.tensor([r["x"] for r in reqs])
         res = torch.tensor([r["res"] for r in reqs])
         n = torch.linalg.vector_norm(x, dim=1)
+        searched = state
+        if lazy_bank:
+            searched = dataclasses.replace(state, bank=lambda trigger, bank=state.bank: (
+                torch.where(trigger[:, None, None], bank, torch.full_like(bank, 7.0))))
         out = ttts_step(x, res, n, torch.tensor([r["tau"] for r in reqs]),
                         torch.tensor([r["eligible"] for r in reqs]),
-                        torch.tensor([r["u"] for r in reqs]), state, s)
+                        torch.tensor([r["u"] for r in reqs]), searched, s)
         for i, r in enumerate(reqs):
             cfg = {name: r[name] for name in names}
             banks[i], lows[i], cds[i], delta, injected, no_match = reference_step(

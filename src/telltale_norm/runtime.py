@@ -236,9 +236,10 @@ class TelltaleRuntime:
 
     def memory(self) -> dict[str, int]:
         """Device bytes the plugin holds, by owner (all allocated at start)."""
+        staging = self.banks.staging
         return {"slot_bytes": self.states.nbytes() - self.banks.nbytes(),
                 "bank_bytes": self.banks.nbytes(),
-                "step_bytes": self.buffers.nbytes() + self.traces.nbytes(),
+                "step_bytes": self.buffers.nbytes() + self.traces.nbytes() + staging.nbytes,
                 "stats_bytes": self.quantiles.nbytes() + 8 * len(COUNTERS) * self.num_layers}
 
     def snapshot(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ trigger simply take no injection).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,14 @@ from telltale_norm.requests import COL
 @dataclass(frozen=True)
 class BankState:
     """Per (request, layer) state, one row per request: banks `[R, K, H]`, norms `[R, K]`
-    (-inf marks an empty entry), low streaks and cooldowns `[R]`."""
+    (-inf marks an empty entry), low streaks and cooldowns `[R]`.
 
-    bank: torch.Tensor
+    `bank` may also be a function of the step's trigger mask `[R]` that returns the banks:
+    the search only needs the banks of rows that trigger, and may be given any bank for the
+    others (a traced step searches every row; the per-layer step gives those rows one shared
+    bank, kept in cache, instead of reading each row's from memory)."""
+
+    bank: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
     bank_norm: torch.Tensor
     low_streak: torch.Tensor
     cooldown: torch.Tensor
@@ -125,7 +131,8 @@ def ttts_step(x: torch.Tensor, residual: torch.Tensor, norms: torch.Tensor,
     trigger = eligible & (low_streak >= s.low_k) & (cooldown == 0) & (draws < s.p_inject)
 
     usable = insert.in_use & torch.isfinite(insert.bank_norm)
-    best_cos, chosen = _nearest(x, n, state.bank, insert.bank_norm, usable, insert.hit)
+    bank = state.bank(trigger) if callable(state.bank) else state.bank
+    best_cos, chosen = _nearest(x, n, bank, insert.bank_norm, usable, insert.hit)
     injected = trigger & (best_cos >= s.cos_min)
     delta = torch.where(injected.unsqueeze(1), s.beta.unsqueeze(1) * (chosen - residual), 0.0)
     low_streak = torch.where(injected, 0, low_streak)

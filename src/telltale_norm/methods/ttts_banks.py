@@ -30,7 +30,8 @@ class Banks:
     no mask) and BANK_K x 4 + 8 bytes of norms and streaks; per slot, (`log_capacity` + 1) x
     (hidden size in the model's dtype + 8 bytes) for the log of its injections: each
     injected token's new hidden row, put back when a preempted request is recomputed
-    (injections past the capacity are counted, not logged).
+    (injections past the capacity are counted, not logged). Per step, hidden size x 4
+    bytes per slot to stage the step's states for the bank search.
     """
 
     def __init__(self, states: RequestStates, layers: tuple[int, ...], bank_k: int,
@@ -46,6 +47,8 @@ class Banks:
         self.log_key = register("ttts_log_key", (c,), torch.int64, -1)  # position x n + col
         self.log_row = register("ttts_log_row", (c, hidden_size), dtype)
         self.log_count = register("ttts_log_count", (), torch.int64)
+        # the step's states, staged for the bank search (`staged`): per step, not per slot
+        self.staging = torch.zeros(states.capacity, hidden_size, device=states.device)
         self._names = ("ttts_bank", "ttts_bank_norm", "ttts_streaks", "ttts_log_key",
                        "ttts_log_row", "ttts_log_count")
         self.states = states
@@ -59,10 +62,16 @@ class Banks:
         return slots, column.expand_as(slots)
 
     def read(self, slots: torch.Tensor, column: torch.Tensor) -> BankState:
+        """The state of `slots` on the layer of `column`; its banks are read for the rows
+        that trigger, the null slot's for the others (`BankState.bank`)."""
         at = self._at(slots, column)
         streaks = self.streaks[at]
-        return BankState(self.bank[at][:, :self.k], self.bank_norm[at],
-                         streaks[:, 0], streaks[:, 1])
+
+        def bank(trigger: torch.Tensor) -> torch.Tensor:
+            searched = torch.where(trigger, slots, self.states.null_slot)
+            return self.bank[self._at(searched, column)][:, :self.k]
+
+        return BankState(bank, self.bank_norm[at], streaks[:, 0], streaks[:, 1])
 
     def insert(self, slots: torch.Tensor, column: torch.Tensor, x: torch.Tensor,
                norms: torch.Tensor, tau: torch.Tensor, eligible: torch.Tensor,
@@ -75,6 +84,15 @@ class Banks:
         at = torch.where(insert.at >= 0, insert.at, self.k)  # or the spare entry
         self.bank.index_put_((slots, column, at), x.to(self.bank.dtype))
         return insert
+
+    def staged(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` `[rows, H]` float32, written to a buffer and read back: traced, the bank
+        search then reads each row's state where it lies, where it otherwise recomputes it
+        from the layer's two outputs for every bank entry (batch 32: the six layers' step
+        0.49 -> 0.37 ms, hot)."""
+        rows = torch.arange(len(x), device=x.device)
+        self.staging.index_put_((rows,), x)
+        return self.staging[rows]
 
     def write(self, slots: torch.Tensor, column: torch.Tensor, out: TttsOutcome) -> None:
         """Write the norms, streaks and cooldowns of the step's outcome."""
@@ -146,7 +164,7 @@ def ttts_layer(banks: Banks, column: torch.Tensor, h: torch.Tensor,
     # indexed by them is then cheap enough to stay in place
     valid = (slots != banks.states.null_slot) & acting[rows]
     res = None if r is None else r[rows].float()
-    x = residual_stream(h[rows], res)
+    x = banks.staged(residual_stream(h[rows], res))
     settings = TttsSettings.from_params(params[rows])
     norms, tau = norms[rows], tau[rows]
     insert = banks.insert(slots, column, x, norms, tau, valid, settings.bank_k)
