@@ -262,8 +262,8 @@ def read_prompt_file(path: str) -> list[dict[str, str]]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import telltale_norm
-    from telltale_norm.demo import (chat_prompts, engine, load_problems, progress_bar,
-                                    resolve_model)
+    from telltale_norm.demo import engine, progress_bar, resolve_model
+    from telltale_norm.problems import chat_prompts, load_problems
     from telltale_norm.thresholds import load_calibrated_tau
 
     if args.prompts:

@@ -5,7 +5,8 @@ One engine starts with `monitor` and tracing on; each method is then chosen per 
 comes first: it is the baseline that calibrates tau (a quantile of its decode-token norms per
 layer), which the other methods receive per request as `telltale_tau_json`.
 
-Also home of what the CLI's engine commands share: problems, chat prompts, the engine.
+Also home of what the CLI's engine commands share: the engine (the problems and their
+scoring are in `problems.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +24,8 @@ from typing import Any
 
 import telltale_norm
 from telltale_norm.config import normalize_method
+from telltale_norm.problems import (Problem, chat_prompts, last_number, load_problems,
+                                    wilson_interval)
 from telltale_norm.thresholds import load_calibrated_tau
 from telltale_norm.traces import RequestTrace
 
@@ -34,69 +36,12 @@ FULL_SIZE = (64, 256)
 TAU_METHODS = ("suppress", "loop", "ttts", "rerank")
 # Per-layer counters of interventions in `telltale_norm.stats` (those the engine reports).
 INTERVENTION_COUNTERS = ("suppressed", "reruns", "injections")
-INSTRUCTION = ("\nSolve it step by step, then give the final answer on its own line as "
-               "'#### <number>'.")
 PLOT_PROBLEM = 0  # the problem whose traces the demo's PNG shows
 GPU_MEMORY_UTILIZATION = 0.2  # on CPU: the share of RAM vLLM takes for weights and KV cache
 
 
 class UserError(ValueError):
     """A mistake in what the user asked for; the CLI prints it as one line and exits 2."""
-
-
-# ---------------------------------------------------------------- problems and scoring
-
-
-@dataclass(frozen=True)
-class Problem:
-    question: str
-    solution: str  # the full worked solution, ending in "#### N"
-    expected: float
-    level: int
-
-
-def expected_answer(solution: str) -> float:
-    """The number after `####` in a GSM8K-format solution."""
-    match = re.search(r"####\s*(-?[\d,]*\.?\d+)", solution)
-    if match is None:
-        raise ValueError(f"solution has no '#### <number>' line: {solution[-80:]!r}")
-    return float(match.group(1).replace(",", ""))
-
-
-def last_number(text: str) -> float | None:
-    """The last number written in `text` (thousands separators allowed), or None."""
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-    return float(numbers[-1].replace(",", "")) if numbers else None
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
-    """The 95 % Wilson score interval of a proportion (sensible for small n and 0 or n)."""
-    if total == 0:
-        return 0.0, 1.0
-    p = correct / total
-    denom = 1 + z * z / total
-    center = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def load_problems(n: int, seed: int = 0) -> tuple[list[Problem], str]:
-    """`n` bundled word problems, and a line saying what they are."""
-    from telltale_norm.tasks.word_problems import generate
-
-    problems = [Problem(d["question"], d["answer"], expected_answer(d["answer"]), d["level"])
-                for d in generate(n, seed=seed)]
-    return problems, f"{len(problems)} generated word problems (telltale_norm.tasks, seed {seed})"
-
-
-def chat_prompts(llm: Any, questions: Sequence[str]) -> list[str]:
-    """Each question with the answer-format instruction, in the model's chat template."""
-    tokenizer = llm.get_tokenizer()
-    if not getattr(tokenizer, "chat_template", None):
-        return [f"Question: {q}{INSTRUCTION}\nAnswer:" for q in questions]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q + INSTRUCTION}],
-                                          tokenize=False, add_generation_prompt=True)
-            for q in questions]
 
 
 # ---------------------------------------------------------------- the engine
