@@ -9,8 +9,8 @@ tokens begins.
 `ttts_step` processes one decode token per request for a whole step at once: rows are
 requests, every rule is a tensor operation, and the new state is returned, not mutated. It
 is graph-safe: no host synchronisation and no shape that depends on data, so it can run
-inside a compiled graph or a CUDA graph (every row's bank is searched; rows that do not
-trigger simply take no injection).
+inside a compiled graph or a CUDA graph (every row is searched; rows that do not trigger
+take no injection, and may search any bank: `BankState.bank`).
 """
 
 from __future__ import annotations

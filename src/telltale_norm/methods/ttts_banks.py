@@ -161,7 +161,9 @@ def ttts_layer(banks: Banks, column: torch.Tensor, h: torch.Tensor,
     step; `replay` marks the recomputed output tokens of ttts requests. Rows that may not
     act keep their state: every write leaves it as it was."""
     # slots as the host wrote them, not masked on the device: traced, a read of the bank
-    # indexed by them is then cheap enough to stay in place
+    # indexed by them is then cheap enough to stay in place (the search's read, masked by
+    # the trigger in `Banks.read`, also stays in place: one select per index, seen in the
+    # generated code)
     valid = (slots != banks.states.null_slot) & acting[rows]
     res = None if r is None else r[rows].float()
     x = banks.staged(residual_stream(h[rows], res))
