@@ -19,12 +19,15 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from step_time import (CONFIGS, KV_CACHE_BYTES, pin_to_engine_cores, request_args,
-                       runtime_benchmark, step_benchmark)
+                       step_benchmark)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = {"off": None, "graph": {"VLLM_PATCH": "monitor"},
@@ -182,8 +185,8 @@ def write_report(result: dict, path: Path, plot_path: Path) -> None:
         "## The plugin's own time per decode step", "",
         "Begin of step + every patched layer + end of step, on random states of the model's "
         "shape (ms, lower quartile of 60 steps, configurations taking turns in a random "
-        f"order; on an engine worker's CPUs {result['engine_cores']}, one thread each, as vLLM "
-        "binds it), and the time "
+        f"order; in a fresh process on an engine worker's CPUs {result['engine_cores']}, one "
+        "thread each, as vLLM binds it), and the time "
         "per step relative to plugin-off's measured step (" + ", ".join(
             f"batch {b}: {step_ms[b]:.0f} ms" for b in batches) + "): `graph` traced with "
         "torch.compile (plus loop's Python where loop runs), net of entering a compiled graph "
@@ -258,6 +261,20 @@ def _plot(own: dict, step_ms: dict, batches: list[int], plot_path: Path) -> None
     fig.savefig(plot_path)
 
 
+def _fresh_runtime_benchmark(batches: list[int]) -> dict:
+    """`bench/step_time.py`'s engine cores and runtime tables, run in a child process."""
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("step_time.py")),
+                           "--batches", ",".join(map(str, batches)), "--no-steps"],
+                          capture_output=True, text=True)
+    if done.returncode:
+        tail = "\n".join(done.stderr.splitlines()[-20:])
+        raise SystemExit(f"bench/step_time.py failed (exit {done.returncode}):\n{tail}")
+    # vLLM logs to stdout too: the report is the last top-level JSON object
+    report = json.loads(done.stdout[re.search(r"^\{$", done.stdout, re.M).start():],
+                        object_hook=_int_keys)
+    return {key: report[key] for key in ("engine_cores", "runtime")}
+
+
 def _int_keys(obj: dict) -> dict:
     """JSON turns batch-size keys into strings; turn them back."""
     return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in obj.items()}
@@ -305,9 +322,11 @@ def main() -> None:
                        + (" --eager" if args.eager else ""),
             "engine": engine_benchmark(model, batches, reps, tokens, not args.eager),
         }
-    # after the engines: the engine-free parts run on an engine worker's CPUs, as it would
-    result["engine_cores"] = pin_to_engine_cores(model)
-    result["runtime"] = runtime_benchmark(model, batches)
+    # after the engines, in a fresh process on an engine worker's CPUs, as a worker runs:
+    # in this one, after three engines' frontends, the same steps read longer (up to 1.6x
+    # at batch 1: docs/BENCHMARKS.md, eighth stop)
+    result.update(_fresh_runtime_benchmark(batches))
+    pin_to_engine_cores(model)
     result["steps"] = step_benchmark([1, 8, 32, 128])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

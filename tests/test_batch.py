@@ -41,9 +41,11 @@ def begin_and_check(rt: TelltaleRuntime, ids, scheduled, computed, prompts, meth
         got, want = getattr(plan, field.name), getattr(expected, field.name)
         assert np.array_equal(got, want), field.name
     assert np.array_equal(rt.states.high_water, after)
-    buffers = StepBuffers(TOKENS, rt.states.null_slot, torch.device("cpu"))
+    buffers = StepBuffers(rt.states, rt.patched_layers, TOKENS)
     buffers.write(expected)
-    assert torch.equal(rt.buffers._packed, buffers._packed)
+    for name in ("_packed", "_ints", "_floats"):  # the step's tokens and their settings
+        torch.testing.assert_close(getattr(rt.buffers, name), getattr(buffers, name),
+                                   rtol=0, atol=0, equal_nan=True, msg=name)
     rt.end_step()
 
 

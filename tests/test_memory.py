@@ -26,16 +26,17 @@ FORCED_TTTS = dict(telltale_method="ttts", telltale_tau_json='{"1": 1e-3, "2": 1
 def documented_bytes(dtype_bytes: int) -> dict[str, int]:
     """README's table: bytes per slot (and the null slot), per step token, and statistics."""
     slots = SEQS + 1
-    per_slot_tables = 4 * len(PARAM_COLUMNS) + NUM_LAYERS * (4 + 1 + 8) + 8
     per_slot_banks = (LAYERS * ((BANK_K + 1) * HIDDEN * dtype_bytes + BANK_K * 4 + 2 * 4)
                       + (LOG + 1) * (HIDDEN * dtype_bytes + 8) + 8)
     # step metadata (token slot, position, flags, ttts rows, their slots, token rows), the
-    # record, loop bits; per request, ttts's staging of the step's float32 states
-    per_token = 6 * 8 + LAYERS * 4 * 4
+    # token's settings (method, per layer: acts, random key; parameters, per layer: fixed
+    # tau), the record, loop bits; per request, ttts's staging of the step's float32 states
+    per_token = 6 * 8 + (1 + 2 * LAYERS) * 8 + (len(PARAM_COLUMNS) + LAYERS) * 4 + LAYERS * 4 * 4
     staging = SEQS * HIDDEN * 4
     # per layer: its histogram, sum, and the quartiles of the current step (float32 Q1, Q3)
     stats = NUM_LAYERS * (DEFAULT_BINS * 8 + 8 + 8) + len(COUNTERS) * NUM_LAYERS * 8
-    return {"slot_bytes": slots * per_slot_tables, "bank_bytes": slots * per_slot_banks,
+    # the settings tables live on the host: each step's tokens take theirs (per_token)
+    return {"slot_bytes": 0, "bank_bytes": slots * per_slot_banks,
             "step_bytes": TOKENS * per_token + 1 + staging, "stats_bytes": stats}
 
 

@@ -205,10 +205,11 @@ def test_seeds_come_from_the_request_else_the_server_and_differ_per_sample():
     rt.begin_step(["0_p", "1_p", "s"], np.array([1, 1, 1]), np.array([5, 5, 5]),
                   np.array([5, 5, 5]),
                   lambda rid: (None, 7 if rid == "s" else None, int(rid[0] == "1")))
-    keys = rt.states.tables["rng_key"]  # on the device, as the layer steps read it
-    for req_id, seed in (("0_p", 99), ("1_p", 100), ("s", 7)):
+    keys = rt.buffers.layer_key  # on the device, as the layer steps read it
+    layers = list(rt.patched_layers)
+    for token, (req_id, seed) in enumerate((("0_p", 99), ("1_p", 100), ("s", 7))):
         expect = rng.layer_key(np.int64(seed), rng.STREAM_SUPPRESS, np.arange(4))
-        assert keys[rt.states.slot(req_id)].tolist() == expect.tolist()
+        assert keys[:, token].tolist() == expect[layers].tolist()
 
 
 def test_snapshot_reports_counters_and_quartiles():

@@ -2,8 +2,10 @@
 
 The adapter describes a step with plain per-request arrays in batch order (`plan_step`, on the
 host, once per step). The result is written into fixed device buffers (`StepBuffers`) that the
-per-layer step reads: one host-to-device copy per step, and the buffers never move, so a
-compiled graph or a CUDA graph that reads them sees each step's values.
+per-layer step reads: before the forward, one host-to-device copy of the positions (or two
+of the tokens and their settings, when the step's requests changed), from pinned memory on
+CUDA; the buffers never move, so a compiled graph or a CUDA graph that reads them sees each
+step's values.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from telltale_norm.requests import ACTING, METHOD_ID, OFF, RequestStates
+from telltale_norm.requests import ACTING, METHOD_ID, OFF, PARAM_COLUMNS, RequestStates
 
 # Bits of a token's flags.
 DECODE = 1  # a newly decoded output token: observed, counted, edited
@@ -110,10 +112,10 @@ def advance_plan(last: StepPlan, states: RequestStates, num_scheduled: np.ndarra
                                decode_step=position - states.prompt_len[slots])
 
 
-def _packed_row(index: int) -> property:
+def _row(packed: str, rows: slice | int) -> property:
     # Taken where it is used, never stored: a traced region whose inputs are views of one
     # buffer is refused (its inputs would alias).
-    return property(lambda self: self._packed[index])
+    return property(lambda self: getattr(self, packed)[rows])
 
 
 class StepBuffers:
@@ -126,16 +128,34 @@ class StepBuffers:
     inverse, per token: its index in `ttts_rows`, or -1 (a gather puts the rows' results
     back into the step's tokens; a scatter would take a pass of its own).
 
+    Each token's settings (its request's method, parameters, and per patched layer, in the
+    order of `layers`: whether it acts there, its fixed tau, its random key) are gathered
+    from the host tables when the step's requests change and copied beside them: the
+    layer steps read them in token order, where a lookup through each token's slot made
+    every traced read a bounds-checked gather (compiling the traced step of six layers:
+    20 -> 17 s here).
+
     `methods` and `recorded` repeat the step's mix on the host. Only an eager step reads
     them, to skip the work of methods no token uses; a traced or captured step ignores them
     (it is replayed for every later mix).
     """
 
-    def __init__(self, max_tokens: int, null_slot: int, device: torch.device) -> None:
+    def __init__(self, states: RequestStates, layers: tuple[int, ...], max_tokens: int
+                 ) -> None:
         self.max_tokens = max_tokens
-        self._null = np.array([null_slot, 0, 0, 0, null_slot, -1], dtype=np.int64)[:, None]
+        self.states, self.layers = states, list(layers)
+        device, null = states.device, states.null_slot
+        self._null = np.array([null, 0, 0, 0, null, -1], dtype=np.int64)[:, None]
         self._host = np.repeat(self._null, max_tokens, axis=1)
-        self._packed = torch.from_numpy(self._host).to(device)
+        # a copy on the CPU too: the host rows are written before they are uploaded
+        self._packed = torch.from_numpy(self._host).to(device, copy=True)
+        self._pin = device.type == "cuda"  # staging of the step's copies (`_upload`)
+        # the tokens' settings: ints (method, acts per layer, key per layer), floats
+        # (parameters, fixed tau per layer); padding rows hold the null slot's
+        self._version = -1  # of the states, when `_slot_settings` last built its rows
+        ints, floats = (torch.from_numpy(rows[np.full(max_tokens, null)].T.copy())
+                        for rows in self._slot_settings())
+        self._ints, self._floats = ints.to(device), floats.to(device)
         # False outside a step: vLLM's warm-up and dummy runs pass through the layer steps
         # too, and must not act on the last step's requests
         self.live = torch.zeros(1, dtype=torch.bool, device=device)
@@ -145,7 +165,38 @@ class StepBuffers:
         self.recorded = False
 
     token_slot, position, flags, ttts_rows, ttts_slot, ttts_row = (
-        _packed_row(i) for i in range(6))
+        _row("_packed", i) for i in range(6))
+    method = _row("_ints", 0)  # [max_tokens]
+    layer_tau = _row("_floats", slice(len(PARAM_COLUMNS), None))  # NaN: adaptive
+
+    @property
+    def layer_on(self) -> torch.Tensor:
+        """`[layers, max_tokens]`, 1 where the token's request acts on the layer."""
+        return self._ints[1:1 + len(self.layers)]
+
+    @property
+    def layer_key(self) -> torch.Tensor:
+        """`[layers, max_tokens]`, the token's `rng.layer_key` for the layer."""
+        return self._ints[1 + len(self.layers):]
+
+    @property
+    def params(self) -> torch.Tensor:
+        """`[max_tokens, len(PARAM_COLUMNS)]`, the token's parameter row (a view: each
+        column is a contiguous row of the buffer)."""
+        return self._floats[:len(PARAM_COLUMNS)].T
+
+    def _slot_settings(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per slot, the rows of settings its tokens take (`[slots, ints]`, `[slots,
+        floats]`), rebuilt when a request was admitted or released since."""
+        states = self.states
+        if states.version != self._version:
+            cols = self.layers
+            self._slot_rows = (
+                np.concatenate([states.method[:, None], states.layers[:, cols],
+                                states.rng_key[:, cols]], 1),
+                np.concatenate([states.params, states.tau[:, cols]], 1))
+            self._version = states.version
+        return self._slot_rows
 
     def write(self, plan: StepPlan) -> None:
         t = plan.num_tokens
@@ -156,18 +207,37 @@ class StepBuffers:
         arrays = (plan.token_slot, plan.decode, plan.replay, plan.ttts_rows)
         if all(map(operator.is_, arrays, self._arrays)):  # `advance_plan`'s: rows but the
             host[1, :t] = plan.position  # positions hold the last step's already
+            self._upload((self._packed[1:2],), (host[1:2, :t],))
         else:
+            n = max(t, self._written)  # rows the last step wrote go back to the null slot
             host[:, :self._written] = self._null
             host[0, :t], host[1, :t], host[2, :t] = plan.token_slot, plan.position, plan.flags
             host[3, :len(plan.ttts_rows)] = plan.ttts_rows
             host[4, :len(plan.ttts_rows)] = plan.token_slot[plan.ttts_rows]
             host[5, plan.ttts_rows] = np.arange(len(plan.ttts_rows))
+            ints, floats = self._slot_settings()
+            slot = host[0, :n]
+            self._upload((self._packed, self._ints), (host[:, :n], ints[slot].T))
+            self._upload((self._floats,), (floats[slot].T,))
             self._arrays = arrays
-        n = max(t, self._written)
-        self._packed[:, :n].copy_(torch.from_numpy(host[:, :n]), non_blocking=True)
         self.live.fill_(True)
         self._written = t
         self.methods, self.recorded = plan.methods, plan.recorded
+
+    def _upload(self, buffers: tuple[torch.Tensor, ...], blocks: tuple[np.ndarray, ...]
+                ) -> None:
+        """Copy host blocks (`[rows, n]`, one per buffer, of the buffers' dtype) into the
+        buffers' first `n` columns, through one staging tensor. On CUDA it is pinned, from
+        PyTorch's caching host allocator, which keeps it until its copy has run: a copy
+        from pageable memory may wait for the stream (the previous step's forward, under
+        async scheduling), and the host may change `blocks` before a queued copy reads
+        them."""
+        rows = [len(block) for block in blocks]
+        stage = torch.empty((sum(rows), blocks[0].shape[1]), dtype=buffers[0].dtype,
+                            pin_memory=self._pin)
+        np.concatenate(blocks, out=stage.numpy())
+        for buffer, part in zip(buffers, stage.split(rows)):
+            buffer[:, :part.shape[1]].copy_(part, non_blocking=True)
 
     def close(self) -> None:
         """The step's forward is done (queued): later runs see no step."""
@@ -175,4 +245,5 @@ class StepBuffers:
         self.methods, self.recorded = frozenset(), False
 
     def nbytes(self) -> int:
-        return self._packed.numel() * self._packed.element_size() + self.live.numel()
+        return sum(b.numel() * b.element_size() for b in (self._packed, self._ints,
+                                                          self._floats, self.live))

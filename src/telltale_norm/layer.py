@@ -1,7 +1,7 @@
 """The per-layer step: one decoder layer's output -> per-token norms -> thresholds -> edits.
 
 `LayerStep.__call__` is graph-safe: tensor operations only, on buffers at fixed addresses
-(the slot tables, the step's metadata, the statistics, the banks, the record), no host
+(the step's metadata and its tokens' settings, the statistics, the banks, the record), no host
 synchronisation, no Python branching on data, no allocation whose size depends on data.
 Every row of the layer's input is processed (padding rows point at the null slot and change
 nothing), so the same code runs eagerly, traced into vLLM's compiled model, or replayed
@@ -94,13 +94,13 @@ class LayerStep:
         """`(hidden,)`, and `(hidden, gate)` where loop is possible."""
         t = hidden.shape[0]
         layer, column = key[LAYER], key[COLUMN]
-        tables, step = self.states.tables, self.step
+        step = self.step
         slot = step.token_slot[:t]
         flags = step.flags[:t]
         decode, replay = (flags & DECODE) != 0, (flags & REPLAY) != 0
-        method = tables["method"][slot]
-        params = tables["params"][slot]
-        in_layer = tables["layers"][slot, layer] & step.live
+        method = step.method[:t]
+        params = step.params[:t]
+        in_layer = (step.layer_on[column][0, :t] != 0) & step.live
         observe = in_layer & decode
         new = ~replay  # counted once: replayed tokens were counted when they were decoded
 
@@ -110,7 +110,7 @@ class LayerStep:
         if not (recorded or methods & ACTING):  # no token acts or is recorded with tau
             self._count(layer, counts)
             return (hidden, *self._gate(norms, norms, lambda: torch.zeros_like(observe)))
-        tau, ready = self._tau(layer, tables["tau"][slot, layer], params)
+        tau, ready = self._tau(layer, step.layer_tau[column][0, :t], params)
         edit = in_layer & ready & (decode | replay)
         gate = self._gate(norms, tau, lambda: (
             edit & (method == LOOP) & (norms > tau)
@@ -118,7 +118,7 @@ class LayerStep:
             & (params[:, COL["loop_max_extra"]] >= 1)))
         action = torch.zeros_like(norms)
         if methods & {SUPPRESS, TTTS}:  # one draw per token, from its method's stream
-            draws = rng.draw(tables["rng_key"][slot, layer], step.position[:t])
+            draws = rng.draw(step.layer_key[column][0, :t], step.position[:t])
         if TTTS in methods:
             r = min(t, self.states.capacity)  # one decode token per slot
             out = ttts_layer(self.banks, column, hidden, residual, norms, tau,

@@ -4,8 +4,8 @@ Every live request owns one of a fixed number of slots (the engine's `max_num_se
 one spare *null* slot that padding tokens point at: it is never admitted, so its method is
 `off` and writes aimed at it are harmless. A request's settings (method, hyperparameters,
 per-layer tau, layer mask and random keys) are written once on the host when it is
-admitted and reach the device in one copy per table per step (`sync`). Each method keeps its own
-per-request state in buffers registered here. Every device tensor is allocated once, at a
+admitted; each step's tokens take theirs to the device (`batch.StepBuffers`). Each method
+keeps its own per-request state in device buffers registered here. Every device tensor is allocated once, at a
 fixed address, before vLLM sizes its KV cache: nothing grows under load, and compiled
 graphs and CUDA graphs can keep pointing at them.
 """
@@ -82,8 +82,8 @@ def request_row(cfg: TelltaleConfig, num_layers: int, seed: int) -> RequestRow:
 
 
 class RequestStates:
-    """Slot store of live requests: settings tables (host and device) plus per-method state
-    buffers, all of `capacity + 1` rows (the last is the null slot)."""
+    """Slot store of live requests: settings tables (on the host) plus per-method state
+    buffers (on the device), all of `capacity + 1` rows (the last is the null slot)."""
 
     def __init__(self, num_layers: int, capacity: int, device: torch.device | str = "cpu"
                  ) -> None:
@@ -93,16 +93,15 @@ class RequestStates:
         self.device = torch.device(device)
         self._slots: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
-        self._admitted: list[int] = []  # slots whose device rows are stale (see `sync`)
+        self._admitted: list[int] = []  # slots whose state is not reset yet (see `sync`)
+        self.version = 0  # counts admissions and releases (the settings tables changed)
         rows = capacity + 1
-        # settings tables: host copies (read by per-step decisions) mirrored on the device
+        # settings tables, read by per-step decisions and gathered per token for the device
         self.method = np.full(rows, OFF, dtype=np.int64)
         self.params = np.zeros((rows, len(PARAM_COLUMNS)), dtype=np.float32)
         self.tau = np.full((rows, num_layers), math.nan, dtype=np.float32)
         self.layers = np.zeros((rows, num_layers), dtype=bool)  # acts on the layer (not off)
         self.rng_key = np.zeros((rows, num_layers), dtype=np.int64)  # of seed, stream, layer
-        self.tables = {name: torch.from_numpy(getattr(self, name)).to(self.device)
-                       for name in ("method", "params", "tau", "layers", "rng_key")}
         # host-only bookkeeping
         self.high_water = np.full(rows, -1, dtype=np.int64)
         self.prompt_len = np.zeros(rows, dtype=np.int64)
@@ -123,9 +122,8 @@ class RequestStates:
         return self._buffers[name][0]
 
     def nbytes(self) -> int:
-        """Device bytes of the tables and every registered buffer."""
-        tensors = [*self.tables.values(), *(t for t, _ in self._buffers.values())]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Device bytes of every registered buffer."""
+        return sum(t.numel() * t.element_size() for t, _ in self._buffers.values())
 
     # ------------------------------------------------------------ lifecycle
     def __len__(self) -> int:
@@ -155,28 +153,30 @@ class RequestStates:
         self.prompt_len[slot] = prompt_len
         self.traced[slot] = row.trace and row.method != OFF
         self._admitted.append(slot)
+        self.version += 1
         return slot
 
     def release(self, req_id: str) -> int | None:
         """Free the slot of `req_id` (no-op for unknown ids); returns the freed slot. Its
-        device rows are left as they are: no token points at a free slot."""
+        state is left as it is: no token points at a free slot."""
         slot = self._slots.pop(req_id, None)
         if slot is not None:
             self.method[slot] = OFF
             self.layers[slot] = False
             self.traced[slot] = False
             self._free.append(slot)
+            self.version += 1
         return slot
 
     def sync(self) -> None:
-        """Bring the device tables up to date and reset the state of the slots admitted since
-        the last call: one copy per table, one fill per buffer, once per step at most."""
+        """Reset the state of the slots admitted since the last call: one fill per buffer,
+        once per step at most."""
         if not self._admitted:
             return
-        for name, table in self.tables.items():
-            table.copy_(torch.from_numpy(getattr(self, name)), non_blocking=True)
-        slots = torch.tensor(self._admitted, dtype=torch.int64).to(self.device,
-                                                                    non_blocking=True)
+        # pinned on CUDA: a queued copy, which a copy from pageable memory may not be
+        slots = torch.tensor(self._admitted, dtype=torch.int64,
+                             pin_memory=self.device.type == "cuda")
+        slots = slots.to(self.device, non_blocking=True)
         for tensor, fill in self._buffers.values():
             tensor.index_fill_(0, slots, fill)
         self._admitted.clear()

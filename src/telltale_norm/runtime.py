@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from telltale_norm.batch import REPLAY, StepBuffers, StepPlan, advance_plan, plan_step
+from telltale_norm.batch import StepBuffers, StepPlan, advance_plan, plan_step
 from telltale_norm.config import ConfigError, TelltaleConfig, check_request
 from telltale_norm.layer import STEP_COUNTERS, LayerStep
 from telltale_norm.methods.loop import LOOP_COUNTERS, Agree, LoopLayer, Rerun
@@ -66,15 +66,14 @@ class TelltaleRuntime:
                                     config.trace_max_steps or max_len, self.device)
         self.banks = Banks(self.states, self.patched_layers, config.ttts_bank_k,
                            config.ttts_replay_log, hidden_size, dtype)
-        self.buffers = StepBuffers(max_num_tokens, self.states.null_slot, self.device)
+        self.buffers = StepBuffers(self.states, self.patched_layers, max_num_tokens)
         self._decode_steps = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.layer_step = LayerStep(self.states, self.buffers, self.quantiles, step_counters,
                                     self.banks, self.traces, self._decode_steps,
                                     config.loop_possible)
         self.loop_layer = LoopLayer(
-            self.states.tables["params"], self.buffers.token_slot,
-            lambda t: (self.buffers.flags[:t] & REPLAY) != 0, loop_counters,
-            self.traces.loop_action, self.traces.column, agree or (lambda mask: mask))
+            self.buffers, loop_counters,
+            self.traces.loop_action, self.traces.column, agree)
         # rerank requests: rows pushed with the outputs; kept traces scored when they finish
         self.push = PushQueue(self.patched_layers)
         self.rerank_requests = 0
