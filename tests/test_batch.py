@@ -21,8 +21,11 @@ TOKENS = 256  # the longest step: 3 requests recomputed after 25 steps
 def make_runtime(capacity: int = 3) -> TelltaleRuntime:
     config = TelltaleConfig.from_env({"VLLM_PATCH": "monitor", "TELLTALE_ALLOW_LOOP": "1",
                                       "PATCHED_LAYERS": "1,2"})
-    return TelltaleRuntime(config, num_layers=4, hidden_size=8, max_num_seqs=capacity,
-                           max_num_tokens=TOKENS)
+    rt = TelltaleRuntime(config, num_layers=4, hidden_size=8, max_num_seqs=capacity,
+                         max_num_tokens=TOKENS)
+    # the step's buffers as CUDA writes them (through a staging tensor), fed the same plans
+    rt.staged_buffers = StepBuffers(rt.states, rt.patched_layers, TOKENS, staged=True)
+    return rt
 
 
 def begin_and_check(rt: TelltaleRuntime, ids, scheduled, computed, prompts, methods) -> None:
@@ -43,9 +46,11 @@ def begin_and_check(rt: TelltaleRuntime, ids, scheduled, computed, prompts, meth
     assert np.array_equal(rt.states.high_water, after)
     buffers = StepBuffers(rt.states, rt.patched_layers, TOKENS)
     buffers.write(expected)
+    rt.staged_buffers.write(plan)  # a reused plan: only the positions are copied
     for name in ("_packed", "_ints", "_floats"):  # the step's tokens and their settings
-        torch.testing.assert_close(getattr(rt.buffers, name), getattr(buffers, name),
-                                   rtol=0, atol=0, equal_nan=True, msg=name)
+        for written in (rt.buffers, rt.staged_buffers):
+            torch.testing.assert_close(getattr(written, name), getattr(buffers, name),
+                                       rtol=0, atol=0, equal_nan=True, msg=name)
     rt.end_step()
 
 

@@ -74,6 +74,19 @@ def test_refreshed_quartiles_of_many_layers_equal_each_layers_own_until_the_next
                                                               before[3:])
 
 
+def test_a_slice_of_layers_refreshes_the_quartiles_an_index_of_them_does():
+    gen = torch.Generator().manual_seed(2)
+    sq = StreamingQuantiles(num_layers=6)
+    for layer in range(6):
+        sq.update(layer, torch.rand(40 + layer, generator=gen) * 10 + layer)
+    sq.refresh_quartiles(torch.tensor([2, 3, 4]))
+    by_index = sq.step_quartiles.clone()
+    sq.step_quartiles.fill_(float("nan"))
+    sq.refresh_quartiles(slice(2, 5))  # the runtime's default PATCHED_LAYERS: consecutive
+    torch.testing.assert_close(sq.step_quartiles, by_index, rtol=0, atol=0, equal_nan=True)
+    assert not by_index[2:5].isnan().any() and by_index[[0, 1, 5]].isnan().all()
+
+
 def test_adaptive_tau_rule():
     q1, q3 = torch.tensor([10.0, 5.0]), torch.tensor([14.0, 5.0])
     tau = adaptive_tau(q1, q3, 1.5, 1e-3, 0.0)

@@ -4,8 +4,8 @@ The adapter describes a step with plain per-request arrays in batch order (`plan
 host, once per step). The result is written into fixed device buffers (`StepBuffers`) that the
 per-layer step reads: before the forward, one host-to-device copy of the positions (or two
 of the tokens and their settings, when the step's requests changed), from pinned memory on
-CUDA; the buffers never move, so a compiled graph or a CUDA graph that reads them sees each
-step's values.
+CUDA (on the CPU the host writes the buffers' memory through numpy). The buffers never move,
+so a compiled graph or a CUDA graph that reads them sees each step's values.
 """
 
 from __future__ import annotations
@@ -140,8 +140,10 @@ class StepBuffers:
     (it is replayed for every later mix).
     """
 
-    def __init__(self, states: RequestStates, layers: tuple[int, ...], max_tokens: int
-                 ) -> None:
+    def __init__(self, states: RequestStates, layers: tuple[int, ...], max_tokens: int,
+                 staged: bool | None = None) -> None:
+        """`staged`: the step's copies go through a staging tensor (`_upload`); always off
+        the CPU, on the CPU only to test that path."""
         self.max_tokens = max_tokens
         self.states, self.layers = states, list(layers)
         device, null = states.device, states.null_slot
@@ -149,13 +151,17 @@ class StepBuffers:
         self._host = np.repeat(self._null, max_tokens, axis=1)
         # a copy on the CPU too: the host rows are written before they are uploaded
         self._packed = torch.from_numpy(self._host).to(device, copy=True)
-        self._pin = device.type == "cuda"  # staging of the step's copies (`_upload`)
         # the tokens' settings: ints (method, acts per layer, key per layer), floats
         # (parameters, fixed tau per layer); padding rows hold the null slot's
         self._version = -1  # of the states, when `_slot_settings` last built its rows
         ints, floats = (torch.from_numpy(rows[np.full(max_tokens, null)].T.copy())
                         for rows in self._slot_settings())
         self._ints, self._floats = ints.to(device), floats.to(device)
+        self._targets = (self._packed, self._ints, self._floats)
+        # how the step's copies go (`_upload`): on the CPU into the buffers' memory through
+        # numpy (a torch copy costs microseconds more per step), on CUDA from pinned staging
+        staged = device.type != "cpu" if staged is None else staged
+        self._views = None if staged else tuple(b.numpy() for b in self._targets)
         # False outside a step: vLLM's warm-up and dummy runs pass through the layer steps
         # too, and must not act on the last step's requests
         self.live = torch.zeros(1, dtype=torch.bool, device=device)
@@ -207,7 +213,7 @@ class StepBuffers:
         arrays = (plan.token_slot, plan.decode, plan.replay, plan.ttts_rows)
         if all(map(operator.is_, arrays, self._arrays)):  # `advance_plan`'s: rows but the
             host[1, :t] = plan.position  # positions hold the last step's already
-            self._upload((self._packed[1:2],), (host[1:2, :t],))
+            self._upload(((0, slice(1, 2), host[1:2, :t]),))
         else:
             n = max(t, self._written)  # rows the last step wrote go back to the null slot
             host[:, :self._written] = self._null
@@ -217,27 +223,32 @@ class StepBuffers:
             host[5, plan.ttts_rows] = np.arange(len(plan.ttts_rows))
             ints, floats = self._slot_settings()
             slot = host[0, :n]
-            self._upload((self._packed, self._ints), (host[:, :n], ints[slot].T))
-            self._upload((self._floats,), (floats[slot].T,))
+            everything = slice(None)
+            self._upload(((0, everything, host[:, :n]), (1, everything, ints[slot].T)))
+            self._upload(((2, everything, floats[slot].T),))
             self._arrays = arrays
         self.live.fill_(True)
         self._written = t
         self.methods, self.recorded = plan.methods, plan.recorded
 
-    def _upload(self, buffers: tuple[torch.Tensor, ...], blocks: tuple[np.ndarray, ...]
-                ) -> None:
-        """Copy host blocks (`[rows, n]`, one per buffer, of the buffers' dtype) into the
-        buffers' first `n` columns, through one staging tensor. On CUDA it is pinned, from
-        PyTorch's caching host allocator, which keeps it until its copy has run: a copy
-        from pageable memory may wait for the stream (the previous step's forward, under
-        async scheduling), and the host may change `blocks` before a queued copy reads
-        them."""
-        rows = [len(block) for block in blocks]
-        stage = torch.empty((sum(rows), blocks[0].shape[1]), dtype=buffers[0].dtype,
-                            pin_memory=self._pin)
+    def _upload(self, parts: tuple[tuple[int, slice, np.ndarray], ...]) -> None:
+        """Copy host blocks into the first `n` columns of rows of the buffers: each part is
+        (buffer index, its rows, a block `[rows, n]` of its dtype). On CUDA one staging
+        tensor carries them, pinned, from PyTorch's caching host allocator, which keeps it
+        until its copies have run: a copy from pageable memory may wait for the stream
+        (the previous step's forward, under async scheduling), and the host may change
+        the blocks before a queued copy reads them."""
+        if self._views is not None:
+            for index, rows, block in parts:
+                self._views[index][rows, :block.shape[1]] = block
+            return
+        blocks = [block for _, _, block in parts]
+        stage = torch.empty((sum(map(len, blocks)), blocks[0].shape[1]),
+                            dtype=self._targets[parts[0][0]].dtype,
+                            pin_memory=self._packed.is_cuda)
         np.concatenate(blocks, out=stage.numpy())
-        for buffer, part in zip(buffers, stage.split(rows)):
-            buffer[:, :part.shape[1]].copy_(part, non_blocking=True)
+        for (index, rows, _), part in zip(parts, stage.split([len(b) for b in blocks])):
+            self._targets[index][rows, :part.shape[1]].copy_(part, non_blocking=True)
 
     def close(self) -> None:
         """The step's forward is done (queued): later runs see no step."""

@@ -52,8 +52,7 @@ class TelltaleRuntime:
         self.patched_layers = config.patched_layers(num_layers)
         self.states = RequestStates(num_layers, max_num_seqs, self.device)
         self.quantiles = StreamingQuantiles(num_layers, self.device)
-        self._patched_rows = torch.tensor(self.patched_layers, dtype=torch.int64,
-                                          device=self.device)
+        self._patched_rows = _rows(self.patched_layers, self.device)
         step_counters, loop_counters = (
             torch.zeros(len(names), num_layers, dtype=torch.float64, device=self.device)
             for names in (STEP_COUNTERS, LOOP_COUNTERS))
@@ -276,3 +275,11 @@ class TelltaleRuntime:
             "plugin_bytes": sum(memory.values()),
             "per_layer": per_layer,
         }
+
+
+def _rows(layers: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """Rows of `layers` in a per-layer buffer: a slice when they are consecutive (the
+    default PATCHED_LAYERS), which reads them in place, else an index tensor."""
+    if list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return slice(layers[0], layers[-1] + 1)
+    return torch.tensor(layers, dtype=torch.int64, device=device)

@@ -59,12 +59,13 @@ class StreamingQuantiles:
                                accumulate=True)
         self.sum.index_put_((row.view(1),), v.dot(w).unsqueeze(0), accumulate=True)
 
-    def refresh_quartiles(self, layers: torch.Tensor) -> None:
+    def refresh_quartiles(self, layers: torch.Tensor | slice) -> None:
         """Store Q1 and Q3 of `layers` (int64, on the device) in `step_quartiles`, once per
         step before its forward: a step's thresholds come from the values seen before it,
-        and the histograms are searched once per step instead of once per layer."""
-        self.step_quartiles.index_put_(
-            (layers,), self._quantiles(self.counts[layers], self._quartile_q).float())
+        and the histograms are searched once per step instead of once per layer. `layers`
+        may be a slice: its rows are then read in place (a gather copies every bin)."""
+        self.step_quartiles[layers] = self._quantiles(self.counts[layers],
+                                                      self._quartile_q).float()
 
     def quartiles(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Q1 and Q3 of the layer's values now (device scalars, NaN while empty)."""
