@@ -21,8 +21,8 @@ from typing import NoReturn
 from telltale_norm.commands import (CALIBRATE_PROBLEMS, cmd_calibrate, cmd_demo, cmd_doctor,
                                     cmd_plot)
 from telltale_norm.config import SETTINGS_BY_FIELD, ConfigError
-from telltale_norm.demo import (DEMO_METHODS, FULL_SIZE, GPU_MEMORY_UTILIZATION, QUICK_SIZE,
-                                UserError)
+from telltale_norm.demo import DEMO_METHODS, FULL_SIZE, QUICK_SIZE
+from telltale_norm.local_engine import GPU_MEMORY_UTILIZATION, UserError
 
 PROG = "telltale-norm"
 

@@ -11,7 +11,8 @@ import json
 import re
 from pathlib import Path
 
-from telltale_norm.demo import FULL_SIZE, QUICK_SIZE, UserError
+from telltale_norm.demo import FULL_SIZE, QUICK_SIZE
+from telltale_norm.local_engine import UserError
 
 CALIBRATE_PROBLEMS = 64  # bundled word problems calibrate runs by default
 
@@ -62,7 +63,7 @@ def read_prompt_file(path: str) -> list[dict[str, str]]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import telltale_norm
-    from telltale_norm.demo import engine, progress_bar, resolve_model
+    from telltale_norm.local_engine import engine, progress_bar, resolve_model
     from telltale_norm.problems import chat_prompts, load_problems
     from telltale_norm.thresholds import load_calibrated_tau
 
@@ -153,7 +154,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from telltale_norm import doctor, doctor_engine
-    from telltale_norm.demo import resolve_model
+    from telltale_norm.local_engine import resolve_model
 
     checks = doctor.installation_checks(args.model, args.vllm_source)
     if args.engine is not None:

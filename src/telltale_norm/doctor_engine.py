@@ -22,7 +22,7 @@ from typing import Any
 
 import telltale_norm
 from telltale_norm.config import TelltaleConfig
-from telltale_norm.demo import engine
+from telltale_norm.local_engine import engine
 from telltale_norm.doctor import Check
 
 PROMPTS = ("The capital of France is", "1, 2, 3, 4, 5,", "Once upon a time, there",
