@@ -170,6 +170,19 @@ def _fresh_runtime_benchmark(batches: list[int]) -> dict:
     return {key: report[key] for key in ("engine_cores", "runtime")}
 
 
+def _warn_if_the_machine_changed(recorded: dict, now: dict) -> None:
+    """--no-engine divides today's step by plugin-off's step recorded earlier: if the
+    machine runs at another speed now (entering a compiled graph, timed both times, moved
+    by over 25 %), every ratio mixes the two states."""
+    moved = {b: now[b] / recorded[b] for b in now if recorded.get(b)}
+    if any(not 0.8 <= ratio <= 1.25 for ratio in moved.values()):
+        print("bench/overhead.py --no-engine: WARNING: entering a compiled graph took "
+              + ", ".join(f"{ratio:.2f}x (batch {b})" for b, ratio in moved.items())
+              + " the time recorded with the engine results: the machine runs at another "
+              "speed, so the per-step ratios are not meaningful; run without --no-engine.",
+              file=sys.stderr)
+
+
 def _int_keys(obj: dict) -> dict:
     """JSON turns batch-size keys into strings; turn them back."""
     return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in obj.items()}
@@ -192,7 +205,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     parser.add_argument("--no-engine", action="store_true",
                         help="re-time only the engine-free parts; keep the engine results "
-                             "recorded in the JSON next to --out")
+                             "recorded in the JSON next to --out (its ratios divide by "
+                             "plugin-off's recorded step: warns if the machine's speed moved)")
     args = parser.parse_args()
     from telltale_norm.models import default_model_dir
 
@@ -220,7 +234,10 @@ def main() -> None:
     # after the engines, in a fresh process on an engine worker's CPUs, as a worker runs:
     # in this one, after three engines' frontends, the same steps read longer (up to 1.6x
     # at batch 1: docs/BENCHMARKS.md, eighth stop)
+    recorded_entry = result.get("runtime", {}).get("entry_ms", {})
     result.update(_fresh_runtime_benchmark(batches))
+    if args.no_engine:
+        _warn_if_the_machine_changed(recorded_entry, result["runtime"]["entry_ms"])
     pin_to_engine_cores(model)
     result["steps"] = step_benchmark([1, 8, 32, 128])
     out.parent.mkdir(parents=True, exist_ok=True)
